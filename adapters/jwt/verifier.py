@@ -1,0 +1,95 @@
+"""JWT verification and minting (PROTOCOL section 10).
+
+HS256 with a shared secret by default; RS256/ES256 with a PEM public key when the
+allow-list names them. ``alg: none`` is refused whatever the configuration, ``exp``
+and ``sub`` are required, and expiry is checked against the injected clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jwt
+
+from domain.model import UserId
+from domain.ports import InvalidToken
+
+_SYMMETRIC = {"HS256", "HS384", "HS512"}
+_ASYMMETRIC = {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "EdDSA"}
+
+
+class JwtVerifier:
+    def __init__(
+        self,
+        *,
+        secret: str | None = None,
+        public_key: str | None = None,
+        algorithms: Sequence[str] = ("HS256",),
+        leeway: float = 0.0,
+    ) -> None:
+        algs = [a.strip() for a in algorithms if a.strip()]
+        if not algs:
+            raise ValueError("at least one JWT algorithm is required")
+        for alg in algs:
+            if alg.lower() == "none":
+                raise ValueError("the 'none' JWT algorithm is never accepted")
+            if alg not in _SYMMETRIC | _ASYMMETRIC:
+                raise ValueError(f"unsupported JWT algorithm {alg!r}")
+        self._symmetric = [a for a in algs if a in _SYMMETRIC]
+        self._asymmetric = [a for a in algs if a in _ASYMMETRIC]
+        if self._symmetric and not secret:
+            raise ValueError("HS* algorithms need a secret (GATEWAY_JWT_SECRET)")
+        if self._asymmetric and not public_key:
+            raise ValueError("RS*/ES* algorithms need a public key (GATEWAY_JWT_PUBLIC_KEY)")
+        self._secret = secret
+        self._public_key = public_key
+        self._leeway = leeway
+
+    def verify(self, token: str, now: float) -> UserId:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(f"malformed token: {exc}") from None
+        alg = header.get("alg")
+        if alg in self._symmetric:
+            key: str | None = self._secret
+        elif alg in self._asymmetric:
+            key = self._public_key
+        else:
+            raise InvalidToken(f"algorithm {alg!r} is not allowed")
+        assert key is not None
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                options={"require": ["exp", "sub"], "verify_exp": False},
+            )
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(str(exc)) from None
+        exp = claims.get("exp")
+        if not isinstance(exp, int | float) or isinstance(exp, bool):
+            raise InvalidToken("'exp' must be a number")
+        if now > exp + self._leeway:
+            raise InvalidToken("token expired")
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub:
+            raise InvalidToken("'sub' must be a non-empty string")
+        return sub
+
+
+class JwtIssuer:
+    """Mints tokens (``gateway token``, tests, the simulation)."""
+
+    def __init__(self, *, key: str, algorithm: str = "HS256") -> None:
+        if algorithm.lower() == "none":
+            raise ValueError("refusing to mint unsigned tokens")
+        self._key = key
+        self._algorithm = algorithm
+
+    def issue(self, user_id: UserId, *, now: float, ttl: float = 3600.0) -> str:
+        return jwt.encode(
+            {"sub": user_id, "iat": int(now), "exp": int(now + ttl)},
+            self._key,
+            algorithm=self._algorithm,
+        )

@@ -1,0 +1,71 @@
+"""Prometheus metrics of one gateway instance (a registry per instance, so several
+instances can live in one process, as in tests and the simulation)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge(
+            "gateway_connections", "Open connections by session state", ["state"], registry=r
+        )
+        self.connections_opened = Counter(
+            "gateway_connections_opened", "Connections accepted", registry=r
+        )
+        self.closes = Counter(
+            "gateway_closes", "Connections closed, by close code", ["code"], registry=r
+        )
+        self.frames_in = Counter("gateway_frames_in", "Client frames by op", ["op"], registry=r)
+        self.frames_out = Counter("gateway_frames_out", "Frames sent to clients", registry=r)
+        self.bytes_in = Counter("gateway_bytes_in", "Bytes received from clients", registry=r)
+        self.bytes_out = Counter("gateway_bytes_out", "Bytes sent to clients", registry=r)
+        self.errors = Counter("gateway_errors", "ERROR frames sent, by code", ["code"], registry=r)
+        self.rate_limited = Counter(
+            "gateway_rate_limited", "Connections closed 4008 (rate limit)", registry=r
+        )
+        self.slow_consumers = Counter(
+            "gateway_slow_consumers", "Connections closed 4010 (slow consumer)", registry=r
+        )
+        self.outbound_queued = Gauge(
+            "gateway_outbound_queued_frames", "Frames queued for clients, all connections",
+            registry=r,
+        )
+        self.fanout_seconds = Histogram(
+            "gateway_fanout_seconds",
+            "Time to route one broker message to every local recipient's queue",
+            buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25),
+            registry=r,
+        )
+        self.broker_messages = Counter(
+            "gateway_broker_messages", "Messages received from the broker", registry=r
+        )
+        self.invalid_envelopes = Counter(
+            "gateway_invalid_envelopes", "Broker messages dropped as invalid", registry=r
+        )
+        self.publish_failures = Counter(
+            "gateway_publish_failures", "Publishes that failed (broker down)", registry=r
+        )
+        self.broker_outages = Gauge(
+            "gateway_broker_outages", "Broker outages seen since start", registry=r
+        )
+        self.broker_up = Gauge("gateway_broker_up", "1 while the broker answers", registry=r)
+        self.deliveries = Counter(
+            "gateway_deliveries", "Dispatch frames queued for clients", registry=r
+        )
+        self.directory_seconds = Histogram(
+            "gateway_directory_seconds", "Directory lookups made for clients", registry=r
+        )
+        self.backend_failures = Counter(
+            "gateway_backend_failures", "Backend calls that failed, by backend", ["backend"],
+            registry=r,
+        )
+        self.presence_broadcasts = Counter(
+            "gateway_presence_broadcasts", "Visible presence changes broadcast", registry=r
+        )
+        self.typing_dispatched = Counter(
+            "gateway_typing_dispatched", "TYPING_START events published", registry=r
+        )

@@ -1,0 +1,119 @@
+"""Cached directory reads for permission checks and channel-scoped fan-out.
+
+A fan-out must never query per recipient: members are fetched in one batch for the
+recipients not yet cached, and server contexts (roles and channels) once per server.
+Entries expire after a TTL and are dropped at once by the invalidation events of
+PROTOCOL section 7 (``CHANNEL_*``, ``ROLE_*``, ``SERVER_MEMBER_*``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from domain.model import Channel, ChannelId, Member, ServerContext, ServerId, UserId
+from domain.permissions import can_read
+from domain.ports import Clock, Directory
+
+_Absent = None
+
+
+class PermissionCache:
+    def __init__(self, directory: Directory, clock: Clock, ttl: float) -> None:
+        self._directory = directory
+        self._clock = clock
+        self._ttl = ttl
+        self._contexts: dict[ServerId, tuple[float, ServerContext | None]] = {}
+        self._channels: dict[ChannelId, tuple[float, Channel | None]] = {}
+        self._members: dict[ServerId, dict[UserId, tuple[float, Member | None]]] = {}
+        self.lookups = 0
+
+    def _fresh(self, expires: float) -> bool:
+        return expires > self._clock.monotonic()
+
+    async def server(self, server_id: ServerId) -> ServerContext | None:
+        hit = self._contexts.get(server_id)
+        if hit is not None and self._fresh(hit[0]):
+            return hit[1]
+        self.lookups += 1
+        context = await self._directory.get_server_context(server_id)
+        self._contexts[server_id] = (self._clock.monotonic() + self._ttl, context)
+        if context is not None:
+            now = self._clock.monotonic() + self._ttl
+            for channel in context.channels.values():
+                self._channels[channel.id] = (now, channel)
+        return context
+
+    async def channel(self, channel_id: ChannelId) -> Channel | None:
+        hit = self._channels.get(channel_id)
+        if hit is not None and self._fresh(hit[0]):
+            return hit[1]
+        self.lookups += 1
+        channel = await self._directory.get_channel(channel_id)
+        self._channels[channel_id] = (self._clock.monotonic() + self._ttl, channel)
+        return channel
+
+    async def members(
+        self, server_id: ServerId, user_ids: Collection[UserId]
+    ) -> dict[UserId, Member]:
+        """Members among ``user_ids``; one directory call for all the uncached ones."""
+        cache = self._members.setdefault(server_id, {})
+        now = self._clock.monotonic()
+        found: dict[UserId, Member] = {}
+        missing: list[UserId] = []
+        for uid in user_ids:
+            hit = cache.get(uid)
+            if hit is not None and hit[0] > now:
+                if hit[1] is not None:
+                    found[uid] = hit[1]
+            else:
+                missing.append(uid)
+        if missing:
+            self.lookups += 1
+            fetched = await self._directory.get_members(server_id, missing)
+            expires = self._clock.monotonic() + self._ttl
+            for uid in missing:
+                member = fetched.get(uid)
+                cache[uid] = (expires, member)
+                if member is not None:
+                    found[uid] = member
+        return found
+
+    async def member(self, server_id: ServerId, user_id: UserId) -> Member | None:
+        return (await self.members(server_id, (user_id,))).get(user_id)
+
+    async def readers(
+        self, server_id: ServerId, channel_id: ChannelId, user_ids: Collection[UserId]
+    ) -> set[UserId]:
+        """Those of ``user_ids`` with READ_MESSAGES on the channel."""
+        context = await self.server(server_id)
+        if context is None:
+            return set()
+        channel = context.channels.get(channel_id)
+        if channel is None:
+            channel = await self.channel(channel_id)
+            if channel is None or channel.server_id != server_id:
+                return set()
+        members = await self.members(server_id, user_ids)
+        return {
+            uid for uid, m in members.items() if can_read(context.server, m, context.roles, channel)
+        }
+
+    def invalidate_server(self, server_id: ServerId) -> None:
+        context = self._contexts.pop(server_id, None)
+        self._members.pop(server_id, None)
+        if context is not None and context[1] is not None:
+            for channel_id in context[1].channels:
+                self._channels.pop(channel_id, None)
+        stale = [cid for cid, (_, c) in self._channels.items() if c and c.server_id == server_id]
+        for cid in stale:
+            del self._channels[cid]
+
+    def invalidate_member(self, server_id: ServerId, user_id: UserId) -> None:
+        members = self._members.get(server_id)
+        if members is not None:
+            members.pop(user_id, None)
+
+    def clear(self) -> None:
+        self._contexts.clear()
+        self._channels.clear()
+        self._members.clear()

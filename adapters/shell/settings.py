@@ -1,0 +1,39 @@
+"""Tunables of one gateway instance (parsed from the environment by entrypoints.config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from domain.session import SessionConfig
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    session: SessionConfig = field(default_factory=SessionConfig)
+    heartbeat_sweep: float = 45.0
+    typing_ttl_ms: int = 10_000
+    max_payload_bytes: int = 65_536
+    #: A connection whose queued outbound frames exceed either bound is closed 4010.
+    outbound_max_frames: int = 2_048
+    outbound_max_bytes: int = 1 << 20
+    #: Connection caps (0 = unlimited); over them a new connection is closed 4013.
+    max_connections: int = 0
+    max_connections_per_user: int = 0
+    #: Directory lookups for permissions are cached this long (invalidated by events).
+    permission_cache_ttl: float = 30.0
+    #: Bound on any one backend call made for a client.
+    backend_timeout: float = 5.0
+    #: How long a close handshake may take before the socket is abandoned.
+    close_timeout: float = 2.0
+    #: On drain, sessions of this instance stay in the presence registry this long, so
+    #: users who reconnect elsewhere do not flap offline (PROTOCOL 7: presence grace).
+    presence_grace_ms: int = 15_000
+    #: Bounded wait for connections to go during a drain.
+    drain_timeout: float = 10.0
+
+    @property
+    def presence_ttl_ms(self) -> int:
+        """An instance's liveness TTL in the presence registry: one heartbeat timeout,
+        refreshed every third of it, reaped every half: a dead instance's users go
+        offline within 1.5 heartbeat timeouts (PROTOCOL asks for 2)."""
+        return int(self.session.heartbeat_timeout * 1000)

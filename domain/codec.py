@@ -1,0 +1,272 @@
+"""The wire codec (PROTOCOL sections 2-4, 6, 7a, 8): pure and on the hot path.
+
+Decoding turns one raw client message into a :class:`Command` or a
+:class:`ProtocolError` (which the session answers with an ERROR frame). Encoding
+builds frames; a dispatch is encoded once per event as a :class:`DispatchTemplate`
+and each connection only splices in its own sequence number.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from domain.model import SETTABLE_STATUSES, ChannelId, ServerId, Status, UserId
+
+
+class ErrorCode(StrEnum):
+    DECODE_ERROR = "DECODE_ERROR"
+    UNKNOWN_OP = "UNKNOWN_OP"
+    INVALID_PAYLOAD = "INVALID_PAYLOAD"
+    NOT_AUTHENTICATED = "NOT_AUTHENTICATED"
+    ALREADY_AUTHENTICATED = "ALREADY_AUTHENTICATED"
+    FORBIDDEN = "FORBIDDEN"
+    NOT_FOUND = "NOT_FOUND"
+    TOO_MANY_SUBSCRIPTIONS = "TOO_MANY_SUBSCRIPTIONS"
+
+
+class CloseCode:
+    GOING_AWAY = 1001
+    MESSAGE_TOO_BIG = 1009
+    UNEXPECTED = 4000
+    NOT_AUTHENTICATED = 4003
+    AUTHENTICATION_FAILED = 4004
+    RATE_LIMITED = 4008
+    SESSION_TIMED_OUT = 4009
+    SLOW_CONSUMER = 4010
+    #: Not in PROTOCOL's table: connection caps (README, "Limits"). 4000-4999 is the
+    #: application range; clients treat unknown codes as "reconnect later".
+    TOO_MANY_CONNECTIONS = 4013
+
+
+# --- client commands ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Identify:
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeServer:
+    server_id: ServerId
+
+
+@dataclass(frozen=True, slots=True)
+class UnsubscribeServer:
+    server_id: ServerId
+
+
+@dataclass(frozen=True, slots=True)
+class TypingStart:
+    channel_id: ChannelId
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceUpdate:
+    status: Status
+
+
+Command = Identify | Heartbeat | SubscribeServer | UnsubscribeServer | TypingStart | PresenceUpdate
+
+#: Commands allowed only once the session is READY.
+NEEDS_READY: frozenset[type] = frozenset(
+    {SubscribeServer, UnsubscribeServer, TypingStart, PresenceUpdate}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolError:
+    """A client frame that is answered with ERROR (the connection stays)."""
+
+    code: ErrorCode
+    message: str
+    op: str | None = None
+
+
+_HEARTBEAT = Heartbeat()
+
+
+def _field(d: object, op: str, name: str) -> str | ProtocolError:
+    if not isinstance(d, dict):
+        return ProtocolError(ErrorCode.INVALID_PAYLOAD, f"{op}: 'd' must be an object", op)
+    value = d.get(name)
+    if not isinstance(value, str):
+        return ProtocolError(
+            ErrorCode.INVALID_PAYLOAD, f"{op}: 'd.{name}' must be a string", op
+        )
+    return value
+
+
+def _identify(d: object) -> Command | ProtocolError:
+    token = _field(d, "IDENTIFY", "token")
+    return token if isinstance(token, ProtocolError) else Identify(token)
+
+
+def _heartbeat(d: object) -> Command | ProtocolError:
+    return _HEARTBEAT  # 'd' is ignored, whatever it holds (7a)
+
+
+def _subscribe(d: object) -> Command | ProtocolError:
+    sid = _field(d, "SUBSCRIBE_SERVER", "serverId")
+    return sid if isinstance(sid, ProtocolError) else SubscribeServer(sid)
+
+
+def _unsubscribe(d: object) -> Command | ProtocolError:
+    sid = _field(d, "UNSUBSCRIBE_SERVER", "serverId")
+    return sid if isinstance(sid, ProtocolError) else UnsubscribeServer(sid)
+
+
+def _typing(d: object) -> Command | ProtocolError:
+    cid = _field(d, "TYPING_START", "channelId")
+    return cid if isinstance(cid, ProtocolError) else TypingStart(cid)
+
+
+def _presence(d: object) -> Command | ProtocolError:
+    status = _field(d, "PRESENCE_UPDATE", "status")
+    if isinstance(status, ProtocolError):
+        return status
+    if status not in SETTABLE_STATUSES:
+        return ProtocolError(
+            ErrorCode.INVALID_PAYLOAD,
+            "PRESENCE_UPDATE: 'd.status' must be one of online, idle, dnd, invisible",
+            "PRESENCE_UPDATE",
+        )
+    return PresenceUpdate(Status(status))
+
+
+_PARSERS = {
+    "IDENTIFY": _identify,
+    "HEARTBEAT": _heartbeat,
+    "SUBSCRIBE_SERVER": _subscribe,
+    "UNSUBSCRIBE_SERVER": _unsubscribe,
+    "TYPING_START": _typing,
+    "PRESENCE_UPDATE": _presence,
+}
+
+CLIENT_OPS: frozenset[str] = frozenset(_PARSERS)
+
+
+def decode_command(raw: str | bytes) -> Command | ProtocolError:
+    """One client message -> a validated command, or the ERROR to answer."""
+    if not isinstance(raw, str):
+        return ProtocolError(ErrorCode.DECODE_ERROR, "binary frames are not accepted")
+    try:
+        frame = json.loads(raw)
+    except ValueError:
+        return ProtocolError(ErrorCode.DECODE_ERROR, "frame is not valid JSON")
+    if not isinstance(frame, dict):
+        return ProtocolError(ErrorCode.DECODE_ERROR, "frame must be a JSON object")
+    op = frame.get("op")
+    if not isinstance(op, str):
+        return ProtocolError(ErrorCode.UNKNOWN_OP, "'op' must be a string")
+    parse = _PARSERS.get(op)
+    if parse is None:
+        return ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {op[:64]!r}", op)
+    return parse(frame.get("d"))
+
+
+# --- server frames -----------------------------------------------------------------
+
+
+def _dumps(value: Any) -> str:
+    # ensure_ascii: a lone surrogate from a JSON escape ("\ud800") must not reach the
+    # socket's UTF-8 encoder.
+    return json.dumps(value, separators=(",", ":"))
+
+
+def encode_control(op: str, d: Any) -> str:
+    """HELLO, HEARTBEAT_ACK, ERROR, RECONNECT: no ``s`` key at all (7a)."""
+    return '{"op":' + _dumps(op) + ',"d":' + _dumps(d) + "}"
+
+
+def encode_error(error: ProtocolError) -> str:
+    return encode_control(
+        "ERROR", {"code": error.code.value, "message": error.message, "op": error.op}
+    )
+
+
+HEARTBEAT_ACK_FRAME = encode_control("HEARTBEAT_ACK", None)
+RECONNECT_FRAME = encode_control("RECONNECT", None)
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchTemplate:
+    """A dispatch frame encoded once; :meth:`frame` splices in a connection's ``s``."""
+
+    op: str
+    head: str  # '{"op":"X","d":...,"s":'
+
+    def frame(self, seq: int) -> str:
+        return self.head + str(seq) + "}"
+
+
+def dispatch_template(op: str, d: Any) -> DispatchTemplate:
+    return DispatchTemplate(op, '{"op":' + _dumps(op) + ',"d":' + _dumps(d) + ',"s":')
+
+
+def dispatch_template_raw(op: str, d_json: str) -> DispatchTemplate:
+    """Like :func:`dispatch_template` for a ``d`` that is already JSON text."""
+    return DispatchTemplate(op, '{"op":' + _dumps(op) + ',"d":' + d_json + ',"s":')
+
+
+# --- publish envelopes (PROTOCOL section 8) ----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    op: str
+    d: Any
+    channel_id: ChannelId | None = None
+    exclude_user_id: UserId | None = None
+
+
+class InvalidEnvelope(ValueError):
+    pass
+
+
+def decode_envelope(payload: bytes | str) -> Envelope:
+    """Validate an envelope from ``ws:server:*`` or ``ws:user:*`` (7a)."""
+    try:
+        doc = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidEnvelope("not UTF-8 JSON") from exc
+    if not isinstance(doc, dict):
+        raise InvalidEnvelope("not an object")
+    event = doc.get("event")
+    if not isinstance(event, dict):
+        raise InvalidEnvelope("no 'event' object")
+    op = event.get("op")
+    if not isinstance(op, str):
+        raise InvalidEnvelope("'event.op' missing or not a string")
+    channel_id = doc.get("channelId")
+    if channel_id is not None and not isinstance(channel_id, str):
+        raise InvalidEnvelope("'channelId' must be a string or null")
+    exclude = doc.get("excludeUserId")
+    if exclude is not None and not isinstance(exclude, str):
+        raise InvalidEnvelope("'excludeUserId' must be a string or null")
+    return Envelope(op, event.get("d"), channel_id, exclude)
+
+
+def encode_envelope(
+    event: dict[str, Any],
+    channel_id: ChannelId | None = None,
+    exclude_user_id: UserId | None = None,
+) -> bytes:
+    """The envelope other services PUBLISH; ``event`` is ``{"op": NAME, "d": ...}``."""
+    op = event.get("op") if isinstance(event, dict) else None
+    if not isinstance(op, str):
+        raise ValueError("event must be an object with a string 'op'")
+    body = {
+        "event": {"op": op, "d": event.get("d")},
+        "channelId": channel_id,
+        "excludeUserId": exclude_user_id,
+    }
+    return _dumps(body).encode()

@@ -1,0 +1,1 @@
+"""Where the process starts: configuration, the composition root, the ASGI app, the CLI."""

@@ -1,0 +1,103 @@
+"""The ASGI application: ``/ws/gateway``, ``/healthz``, ``/readyz``, ``/metrics``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+import anyio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from adapters.shell import Gateway
+from adapters.websocket import StarletteTransport
+from domain.session import State
+from entrypoints.bootstrap import build_gateway
+from entrypoints.config import Config
+
+GatewayFactory = Callable[[], AbstractAsyncContextManager[Gateway]]
+
+
+def _gateway(scope_app: Starlette) -> Gateway:
+    gateway: Gateway = scope_app.state.gateway
+    return gateway
+
+
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    gateway = _gateway(websocket.app)
+    # Accept with no extensions (see entrypoints.hypercorn_compat) and no subprotocol.
+    await websocket.accept()
+    await gateway.serve(StarletteTransport(websocket, gateway.settings.max_payload_bytes))
+
+
+async def healthz(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+async def readyz(request: Request) -> Response:
+    gateway = _gateway(request.app)
+    checks: dict[str, bool] = {
+        "running": gateway.running and not gateway.draining,
+        "broker": gateway.broker.is_healthy(),
+    }
+    for name, ping in (("directory", gateway.directory.ping), ("presence", gateway.presence.ping)):
+        ok = False
+        with anyio.move_on_after(1.0):
+            try:
+                await ping()
+                ok = True
+            except Exception:
+                ok = False
+        checks[name] = ok
+    status = 200 if all(checks.values()) else 503
+    return JSONResponse({"ready": status == 200, "checks": checks}, status_code=status)
+
+
+async def metrics(request: Request) -> Response:
+    gateway = _gateway(request.app)
+    counts = dict.fromkeys(State, 0)
+    queued = 0
+    for conn in gateway.connections:
+        counts[conn.session.state] += 1
+        queued += len(conn.outbound)
+    for state, n in counts.items():
+        gateway.metrics.connections.labels(state.value).set(n)
+    gateway.metrics.outbound_queued.set(queued)
+    gateway.metrics.broker_up.set(1 if gateway.broker.is_healthy() else 0)
+    stats = getattr(gateway.broker, "stats", None)
+    outages = getattr(stats, "outages", None)
+    if isinstance(outages, int):
+        gateway.metrics.broker_outages.set(outages)
+    return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(config: Config | None = None, gateway_factory: GatewayFactory | None = None) -> Starlette:
+    """The ASGI app. The gateway is built, run and closed by the app's lifespan."""
+    cfg = config or Config.from_env()
+    factory: GatewayFactory = gateway_factory or (lambda: build_gateway(cfg))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with factory() as gateway, anyio.create_task_group() as group:
+            app.state.gateway = gateway
+            await group.start(gateway.run)
+            try:
+                yield
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await gateway.drain(timeout=gateway.settings.drain_timeout)
+                group.cancel_scope.cancel()
+
+    return Starlette(
+        routes=[
+            WebSocketRoute("/ws/gateway", websocket_endpoint),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
+        ],
+        lifespan=lifespan,
+    )

@@ -1,0 +1,1 @@
+"""Deterministic multi-instance simulation on virtual time (see ARCHITECTURE.md)."""
