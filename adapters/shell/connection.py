@@ -161,8 +161,6 @@ class Connection:
 
     async def run(self) -> None:
         """Serve the connection until either side closes it."""
-        session = self.session
-        self.enqueue_effects(session.hello())
         try:
             async with anyio.create_task_group() as group:
                 self._group = group

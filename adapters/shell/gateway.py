@@ -129,6 +129,7 @@ class Gateway:
         """Serve one client connection until it ends (called per WebSocket)."""
         session = Session(self._new_session_id(), self.settings.session, self.clock.monotonic())
         conn = Connection(self, transport, session)
+        conn.enqueue_effects(session.hello())
         cap = self.settings.max_connections
         if self.draining or (cap and len(self.connections) >= cap):
             code = CloseCode.GOING_AWAY if self.draining else CloseCode.TOO_MANY_CONNECTIONS
