@@ -99,9 +99,7 @@ def _field(d: object, op: str, name: str) -> str | ProtocolError:
         return ProtocolError(ErrorCode.INVALID_PAYLOAD, f"{op}: 'd' must be an object", op)
     value = d.get(name)
     if not isinstance(value, str):
-        return ProtocolError(
-            ErrorCode.INVALID_PAYLOAD, f"{op}: 'd.{name}' must be a string", op
-        )
+        return ProtocolError(ErrorCode.INVALID_PAYLOAD, f"{op}: 'd.{name}' must be a string", op)
     return value
 
 
@@ -142,6 +140,16 @@ def _presence(d: object) -> Command | ProtocolError:
     return PresenceUpdate(Status(status))
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(text: str) -> Any:
+    """Strict JSON: NaN and Infinity are refused. Too deep a nesting raises
+    RecursionError, which callers treat as malformed input."""
+    return json.loads(text, parse_constant=_reject_constant)
+
+
 _PARSERS = {
     "IDENTIFY": _identify,
     "HEARTBEAT": _heartbeat,
@@ -159,8 +167,8 @@ def decode_command(raw: str | bytes) -> Command | ProtocolError:
     if not isinstance(raw, str):
         return ProtocolError(ErrorCode.DECODE_ERROR, "binary frames are not accepted")
     try:
-        frame = json.loads(raw)
-    except ValueError:
+        frame = _loads(raw)
+    except (ValueError, RecursionError):
         return ProtocolError(ErrorCode.DECODE_ERROR, "frame is not valid JSON")
     if not isinstance(frame, dict):
         return ProtocolError(ErrorCode.DECODE_ERROR, "frame must be a JSON object")
@@ -178,8 +186,8 @@ def decode_command(raw: str | bytes) -> Command | ProtocolError:
 
 def _dumps(value: Any) -> str:
     # ensure_ascii: a lone surrogate from a JSON escape ("\ud800") must not reach the
-    # socket's UTF-8 encoder.
-    return json.dumps(value, separators=(",", ":"))
+    # socket's UTF-8 encoder. allow_nan=False: NaN and Infinity are not JSON.
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
 
 def encode_control(op: str, d: Any) -> str:
@@ -235,8 +243,10 @@ class InvalidEnvelope(ValueError):
 def decode_envelope(payload: bytes | str) -> Envelope:
     """Validate an envelope from ``ws:server:*`` or ``ws:user:*`` (7a)."""
     try:
-        doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+        # Strict UTF-8: json.loads(bytes) would also accept UTF-16/32 and surrogates.
+        text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
+        doc = _loads(text)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise InvalidEnvelope("not UTF-8 JSON") from exc
     if not isinstance(doc, dict):
         raise InvalidEnvelope("not an object")

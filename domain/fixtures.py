@@ -93,8 +93,11 @@ def parse_directory(document: object) -> DirectoryData:
         if not isinstance(role_ids, list) or not all(isinstance(r, str) for r in role_ids):
             raise FixtureError(f"{w}: 'roleIds' must be a list of strings")
         members.append(
-            Member(server_id=_str(o, "serverId", w), user_id=_str(o, "userId", w),
-                   role_ids=tuple(role_ids))
+            Member(
+                server_id=_str(o, "serverId", w),
+                user_id=_str(o, "userId", w),
+                role_ids=tuple(role_ids),
+            )
         )
     channels = []
     for i, raw in enumerate(_list(doc, "channels")):
@@ -128,8 +131,11 @@ def parse_directory(document: object) -> DirectoryData:
             )
         )
     data = DirectoryData(
-        users=tuple(users), servers=tuple(servers), roles=tuple(roles),
-        members=tuple(members), channels=tuple(channels),
+        users=tuple(users),
+        servers=tuple(servers),
+        roles=tuple(roles),
+        members=tuple(members),
+        channels=tuple(channels),
     )
     _check_references(data)
     return data
@@ -138,8 +144,12 @@ def parse_directory(document: object) -> DirectoryData:
 def _check_references(data: DirectoryData) -> None:
     user_ids = {u.id for u in data.users}
     server_ids = {s.id for s in data.servers}
-    for kind, ids in (("user", [u.id for u in data.users]), ("server", [s.id for s in data.servers]),
-                      ("channel", [c.id for c in data.channels]), ("role", [r.id for r in data.roles])):
+    for kind, ids in (
+        ("user", [u.id for u in data.users]),
+        ("server", [s.id for s in data.servers]),
+        ("channel", [c.id for c in data.channels]),
+        ("role", [r.id for r in data.roles]),
+    ):
         if len(ids) != len(set(ids)):
             raise FixtureError(f"duplicate {kind} id")
     for s in data.servers:
@@ -164,8 +174,12 @@ def dump_directory(data: DirectoryData) -> dict[str, Any]:
     """The inverse of :func:`parse_directory`."""
     return {
         "users": [
-            {"id": u.id, "username": u.username, "displayName": u.display_name,
-             "avatarUrl": u.avatar_url}
+            {
+                "id": u.id,
+                "username": u.username,
+                "displayName": u.display_name,
+                "avatarUrl": u.avatar_url,
+            }
             for u in data.users
         ],
         "servers": [s.to_wire() for s in data.servers],
@@ -178,9 +192,16 @@ def dump_directory(data: DirectoryData) -> dict[str, Any]:
             for m in data.members
         ],
         "channels": [
-            {"id": c.id, "serverId": c.server_id, "name": c.name, "type": c.type,
-             "overwrites": [{"id": o.id, "type": o.type, "allow": o.allow, "deny": o.deny}
-                            for o in c.overwrites]}
+            {
+                "id": c.id,
+                "serverId": c.server_id,
+                "name": c.name,
+                "type": c.type,
+                "overwrites": [
+                    {"id": o.id, "type": o.type, "allow": o.allow, "deny": o.deny}
+                    for o in c.overwrites
+                ],
+            }
             for c in data.channels
         ],
     }

@@ -56,7 +56,12 @@ class Server:
     icon_url: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "ownerId": self.owner_id, "iconUrl": self.icon_url}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "ownerId": self.owner_id,
+            "iconUrl": self.icon_url,
+        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,5 +62,7 @@ def channel_permissions(
     return perms
 
 
-def can_read(server: Server, member: Member, roles: Mapping[RoleId, Role], channel: Channel) -> bool:
+def can_read(
+    server: Server, member: Member, roles: Mapping[RoleId, Role], channel: Channel
+) -> bool:
     return bool(channel_permissions(server, member, roles, channel) & READ_MESSAGES)

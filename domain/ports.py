@@ -113,8 +113,10 @@ class PresenceStore(Protocol):
 
     async def get_status(self, user_id: UserId) -> Status: ...
 
-    async def keep_alive(self, instance_id: InstanceId, ttl_ms: int) -> None:
-        """Mark this instance's sessions alive for another ``ttl_ms``."""
+    async def keep_alive(self, instance_id: InstanceId, ttl_ms: int) -> bool:
+        """Mark this instance's sessions alive for another ``ttl_ms``. Return True when
+        the instance was registered already, False when it is new or was reaped (its
+        sessions are gone: the caller must open its live sessions again)."""
         ...
 
     async def reap(self) -> list[PresenceChange]:

@@ -75,7 +75,9 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def create_app(config: Config | None = None, gateway_factory: GatewayFactory | None = None) -> Starlette:
+def create_app(
+    config: Config | None = None, gateway_factory: GatewayFactory | None = None
+) -> Starlette:
     """The ASGI app. The gateway is built, run and closed by the app's lifespan."""
     cfg = config or Config.from_env()
     factory: GatewayFactory = gateway_factory or (lambda: build_gateway(cfg))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from dataclasses import replace
@@ -90,8 +89,10 @@ def cmd_db(args: argparse.Namespace) -> int:
             return 1
         async with PostgresDirectory(config.database_url) as directory:
             await directory.load(data)
-        print(f"loaded {len(data.users)} users, {len(data.servers)} servers, "
-              f"{len(data.channels)} channels from {args.file}")
+        print(
+            f"loaded {len(data.users)} users, {len(data.servers)} servers, "
+            f"{len(data.channels)} channels from {args.file}"
+        )
         return 0
 
     return asyncio.run(main())
@@ -126,8 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("file")
     db.set_defaults(func=cmd_db)
 
-    simulate = sub.add_parser("simulate", help="run the multi-instance simulation",
-                              add_help=False)
+    simulate = sub.add_parser("simulate", help="run the multi-instance simulation", add_help=False)
     simulate.add_argument("rest", nargs=argparse.REMAINDER)
     simulate.set_defaults(func=cmd_simulate)
     return parser

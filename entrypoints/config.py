@@ -60,7 +60,8 @@ class Config:
         if self.uses_external_backends:
             if any(a.startswith("HS") for a in self.jwt_algorithms):
                 raise ConfigError(
-                    "GATEWAY_JWT_SECRET is required when Redis or Postgres is configured")
+                    "GATEWAY_JWT_SECRET is required when Redis or Postgres is configured"
+                )
             return None
         return DEV_JWT_SECRET
 

@@ -18,8 +18,13 @@ class _Formatter(logging.Formatter):
         extra = {k: v for k, v in vars(record).items() if k not in _RESERVED}
         message = record.getMessage()
         if self._json:
-            doc = {"ts": round(record.created, 3), "level": record.levelname.lower(),
-                   "logger": record.name, "msg": message, **extra}
+            doc = {
+                "ts": round(record.created, 3),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "msg": message,
+                **extra,
+            }
             if record.exc_info:
                 doc["exc"] = self.formatException(record.exc_info)
             return json.dumps(doc, default=str)

@@ -21,7 +21,7 @@ from starlette.applications import Starlette
 from adapters.shell import Gateway
 from entrypoints.app import create_app
 from entrypoints.config import Config
-from entrypoints.hypercorn_compat import disable_websocket_extensions
+from entrypoints import hypercorn_compat
 
 log = logging.getLogger("gateway.serve")
 
@@ -63,7 +63,7 @@ async def serve_app(
     on_started: Callable[[], None] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set), draining the gateway first."""
-    disable_websocket_extensions()
+    hypercorn_compat.apply()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     if install_signal_handlers:
@@ -80,8 +80,11 @@ async def serve_app(
             await gateway.drain()
 
     try:
-        await hypercorn_serve(app, hypercorn_config(config, bind=bind),  # type: ignore[arg-type]
-                              shutdown_trigger=shutdown_trigger)
+        await hypercorn_serve(
+            app,  # type: ignore[arg-type]  # Starlette is an ASGI app; the types differ
+            hypercorn_config(config, bind=bind),
+            shutdown_trigger=shutdown_trigger,
+        )
     finally:
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):

@@ -88,6 +88,7 @@ class MemoryBroker:
         for channel in list(self._channels):
             self._network._remove(channel, self)
         self._channels.clear()
+        self._send.close()
 
     @property
     def subscribed_channels(self) -> frozenset[str]:

@@ -72,9 +72,11 @@ class MemoryPresenceStore:
         self._check()
         return self._status.get(user_id, Status.OFFLINE)
 
-    async def keep_alive(self, instance_id: InstanceId, ttl_ms: int) -> None:
+    async def keep_alive(self, instance_id: InstanceId, ttl_ms: int) -> bool:
         self._check()
+        known = instance_id in self._alive_until
         self._alive_until[instance_id] = self._clock.monotonic() + ttl_ms / 1000.0
+        return known
 
     async def reap(self) -> list[PresenceChange]:
         self._check()

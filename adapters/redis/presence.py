@@ -272,13 +272,14 @@ class RedisPresenceStore:
         except ValueError:
             return Status.OFFLINE
 
-    async def keep_alive(self, instance_id: InstanceId, ttl_ms: int) -> None:
+    async def keep_alive(self, instance_id: InstanceId, ttl_ms: int) -> bool:
         if ttl_ms <= 0:
             raise ValueError(f"ttl_ms must be positive, got {ttl_ms}")
         keys = [self.instance_alive_key(instance_id), self.instances_key()]
         known = await self._call("keep_alive", self._keep_alive, keys, [instance_id, ttl_ms])
         if known == 0:
             logger.info("presence: instance %s registered (new, or reaped before)", instance_id)
+        return known == 1
 
     async def reap(self) -> list[PresenceChange]:
         result = await self._call("reap", self._reap, [], [self._prefix, presence_key("")])

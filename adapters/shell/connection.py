@@ -9,6 +9,7 @@ the connection is closed with 4010, without ever stalling the broadcast.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -133,11 +134,11 @@ class Connection:
         close = self._close
         if close is not None:
             self.close_code = close.code
-            with anyio.move_on_after(self.gateway.settings.close_timeout):
-                try:
-                    await self.transport.close(close.code, close.reason)
-                except (TransportClosed, OSError, RuntimeError):
-                    pass
+            with (
+                anyio.move_on_after(self.gateway.settings.close_timeout),
+                contextlib.suppress(TransportClosed, OSError, RuntimeError),
+            ):
+                await self.transport.close(close.code, close.reason)
         if self._group is not None:
             self._group.cancel_scope.cancel()
 

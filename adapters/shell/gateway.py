@@ -104,6 +104,7 @@ class Gateway:
         self._pending_closes: list[tuple[UserId, str, tuple[Server, ...]]] = []
         self._idle = anyio.Event()
         self._idle.set()
+        self._tasks: anyio.abc.TaskGroup | None = None
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -115,6 +116,7 @@ class Gateway:
         except _BACKEND_ERRORS as exc:
             log.warning("presence store unavailable at start: %s", exc)
         async with anyio.create_task_group() as group:
+            self._tasks = group
             group.start_soon(self.broker.run, self._on_message)
             group.start_soon(self._sweep_loop)
             group.start_soon(self._presence_loop)
@@ -135,7 +137,9 @@ class Gateway:
             code = CloseCode.GOING_AWAY if self.draining else CloseCode.TOO_MANY_CONNECTIONS
             if self.draining:
                 conn.enqueue(RECONNECT_FRAME)
-            conn.request_close(code, "server shutting down" if self.draining else "too many connections")
+            conn.request_close(
+                code, "server shutting down" if self.draining else "too many connections"
+            )
         self.connections.add(conn)
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
         self.metrics.connections_opened.inc()
@@ -165,23 +169,30 @@ class Gateway:
             user_id = self.tokens.verify(token, self.clock.wall_ms() / 1000.0)
         except InvalidToken as exc:
             log.info("identify refused: %s", exc, extra={"session_id": session.session_id})
-            await conn.apply(session.identify_failed(CloseCode.AUTHENTICATION_FAILED,
-                                                     "authentication failed"))
+            await conn.apply(
+                session.identify_failed(CloseCode.AUTHENTICATION_FAILED, "authentication failed")
+            )
             return
         try:
             with anyio.fail_after(self.settings.backend_timeout):
                 started = time.perf_counter()
                 user = await self.directory.get_user(user_id)
                 if user is None:
-                    await conn.apply(session.identify_failed(
-                        CloseCode.AUTHENTICATION_FAILED, "authentication failed"))
+                    await conn.apply(
+                        session.identify_failed(
+                            CloseCode.AUTHENTICATION_FAILED, "authentication failed"
+                        )
+                    )
                     return
                 servers = await self.directory.get_user_servers(user_id)
                 self.metrics.directory_seconds.observe(time.perf_counter() - started)
                 per_user = self.settings.max_connections_per_user
                 if per_user and len(self.by_user.get(user_id, ())) >= per_user:
-                    await conn.apply(session.identify_failed(
-                        CloseCode.TOO_MANY_CONNECTIONS, "too many connections for this user"))
+                    await conn.apply(
+                        session.identify_failed(
+                            CloseCode.TOO_MANY_CONNECTIONS, "too many connections for this user"
+                        )
+                    )
                     return
                 conn.user = user
                 conn.servers = tuple(servers)
@@ -190,12 +201,16 @@ class Gateway:
                 conn.user_routed = True
                 await self.interest.acquire(keys.user_channel(user_id))
                 change = await self.presence.session_opened(
-                    self.instance_id, user_id, session.session_id)
+                    self.instance_id, user_id, session.session_id
+                )
                 conn.presence_open = True
         except _BACKEND_ERRORS as exc:
             self.metrics.backend_failures.labels("identify").inc()
-            log.error("identify failed, backend unavailable: %r", exc,
-                      extra={"session_id": session.session_id})
+            log.error(
+                "identify failed, backend unavailable: %r",
+                exc,
+                extra={"session_id": session.session_id},
+            )
             await conn.apply(session.identify_failed(CloseCode.UNEXPECTED, "backend unavailable"))
             return
         await conn.apply(session.identified(user, servers, change.after))
@@ -212,12 +227,16 @@ class Gateway:
             with anyio.fail_after(self.settings.backend_timeout):
                 context = await self.permissions.server(server_id)
                 if context is None:
-                    await conn.apply(session.refuse(
-                        ErrorCode.NOT_FOUND, "unknown server", "SUBSCRIBE_SERVER"))
+                    await conn.apply(
+                        session.refuse(ErrorCode.NOT_FOUND, "unknown server", "SUBSCRIBE_SERVER")
+                    )
                     return
                 if await self.permissions.member(server_id, user_id) is None:
-                    await conn.apply(session.refuse(
-                        ErrorCode.FORBIDDEN, "not a member of this server", "SUBSCRIBE_SERVER"))
+                    await conn.apply(
+                        session.refuse(
+                            ErrorCode.FORBIDDEN, "not a member of this server", "SUBSCRIBE_SERVER"
+                        )
+                    )
                     return
                 await self.interest.acquire(keys.server_channel(server_id))
         except _BACKEND_ERRORS as exc:
@@ -231,13 +250,17 @@ class Gateway:
         await conn.apply(session.subscribe_confirmed(server_id))
 
     async def unroute(self, conn: Connection, server_id: ServerId) -> None:
+        if self._drop_route(conn, server_id):
+            await self.interest.release(keys.server_channel(server_id))
+
+    def _drop_route(self, conn: Connection, server_id: ServerId) -> bool:
         routed = self.by_server.get(server_id)
         if routed is None or conn not in routed:
-            return
+            return False
         routed.discard(conn)
         if not routed:
             del self.by_server[server_id]
-        await self.interest.release(keys.server_channel(server_id))
+        return True
 
     # --- typing and presence ------------------------------------------------------
 
@@ -249,17 +272,23 @@ class Gateway:
             with anyio.fail_after(self.settings.backend_timeout):
                 channel = await self.permissions.channel(channel_id)
                 if channel is None:
-                    await conn.apply(session.refuse(
-                        ErrorCode.NOT_FOUND, "unknown channel", "TYPING_START"))
+                    await conn.apply(
+                        session.refuse(ErrorCode.NOT_FOUND, "unknown channel", "TYPING_START")
+                    )
                     return
                 readers = await self.permissions.readers(channel.server_id, channel_id, (user.id,))
                 if user.id not in readers:
-                    await conn.apply(session.refuse(
-                        ErrorCode.FORBIDDEN, "missing READ_MESSAGES on this channel",
-                        "TYPING_START"))
+                    await conn.apply(
+                        session.refuse(
+                            ErrorCode.FORBIDDEN,
+                            "missing READ_MESSAGES on this channel",
+                            "TYPING_START",
+                        )
+                    )
                     return
                 claimed = await self.typing_gate.claim(
-                    keys.typing_key(channel_id, user.id), self.settings.typing_ttl_ms)
+                    keys.typing_key(channel_id, user.id), self.settings.typing_ttl_ms
+                )
         except _BACKEND_ERRORS as exc:
             # Typing is best effort: a backend hiccup drops the indicator, not the session.
             self.metrics.backend_failures.labels("typing").inc()
@@ -313,14 +342,20 @@ class Gateway:
         for server in servers:
             await self.publish_to_server(
                 server.id,
-                {"op": "PRESENCE_UPDATE",
-                 "d": {"userId": change.user_id, "serverId": server.id, "status": status}},
+                {
+                    "op": "PRESENCE_UPDATE",
+                    "d": {"userId": change.user_id, "serverId": server.id, "status": status},
+                },
             )
 
     def _backend_failed(self, conn: Connection, what: str, exc: BaseException) -> None:
         self.metrics.backend_failures.labels(what).inc()
-        log.error("%s failed, backend unavailable: %r", what, exc,
-                  extra={"session_id": conn.session.session_id})
+        log.error(
+            "%s failed, backend unavailable: %r",
+            what,
+            exc,
+            extra={"session_id": conn.session.session_id},
+        )
         conn.request_close(CloseCode.UNEXPECTED, "backend unavailable")
 
     # --- publishing (PROTOCOL section 8) ------------------------------------------
@@ -329,7 +364,8 @@ class Gateway:
         self, server_id: ServerId, event: dict[str, Any], exclude_user_id: UserId | None = None
     ) -> bool:
         return await self._publish(
-            keys.server_channel(server_id), encode_envelope(event, None, exclude_user_id))
+            keys.server_channel(server_id), encode_envelope(event, None, exclude_user_id)
+        )
 
     async def publish_to_channel(
         self,
@@ -339,7 +375,8 @@ class Gateway:
         exclude_user_id: UserId | None = None,
     ) -> bool:
         return await self._publish(
-            keys.server_channel(server_id), encode_envelope(event, channel_id, exclude_user_id))
+            keys.server_channel(server_id), encode_envelope(event, channel_id, exclude_user_id)
+        )
 
     async def publish_to_user(self, user_id: UserId, event: dict[str, Any]) -> bool:
         return await self._publish(keys.user_channel(user_id), encode_envelope(event))
@@ -368,9 +405,9 @@ class Gateway:
             return
         try:
             if channel.startswith(keys.SERVER_CHANNEL_PREFIX):
-                await self._fan_out_server(channel[len(keys.SERVER_CHANNEL_PREFIX):], envelope)
+                await self._fan_out_server(channel[len(keys.SERVER_CHANNEL_PREFIX) :], envelope)
             elif channel.startswith(keys.USER_CHANNEL_PREFIX):
-                conns = self.by_user.get(channel[len(keys.USER_CHANNEL_PREFIX):])
+                conns = self.by_user.get(channel[len(keys.USER_CHANNEL_PREFIX) :])
                 if conns:
                     template = dispatch_template(envelope.op, envelope.d)
                     for conn in conns:
@@ -398,8 +435,8 @@ class Gateway:
                 candidates = {c.session.user_id for c in conns} - {exclude}
                 with anyio.fail_after(self.settings.backend_timeout):
                     readers = await self.permissions.readers(
-                        server_id, envelope.channel_id,
-                        [u for u in candidates if u is not None])
+                        server_id, envelope.channel_id, [u for u in candidates if u is not None]
+                    )
                 targets = [c for c in conns if c.session.user_id in readers]
             elif exclude is not None:
                 targets = [c for c in conns if c.session.user_id != exclude]
@@ -408,8 +445,18 @@ class Gateway:
                 conn.deliver(template)
         if removed_user is not None:
             for conn in list(self.by_user.get(removed_user, ())):
-                if server_id in conn.session.subscriptions:
-                    await conn.apply(conn.session.unsubscribe(server_id))
+                if server_id not in conn.session.subscriptions:
+                    continue
+                # Routing changes now; the broker unsubscribe runs outside this handler:
+                # the broker's reader is the task running it, and an unsubscribe may wait
+                # for a subscribe of the same channel whose confirmation that reader reads.
+                conn.enqueue_effects(conn.session.unsubscribe(server_id))
+                if self._drop_route(conn, server_id):
+                    self._release_later(keys.server_channel(server_id))
+
+    def _release_later(self, channel: str) -> None:
+        if self._tasks is not None:
+            self._tasks.start_soon(self.interest.release, channel)
 
     # --- timers -------------------------------------------------------------------
 
@@ -426,7 +473,23 @@ class Gateway:
 
     async def _keep_alive(self) -> None:
         with anyio.fail_after(self.settings.backend_timeout):
-            await self.presence.keep_alive(self.instance_id, self.settings.presence_ttl_ms)
+            known = await self.presence.keep_alive(self.instance_id, self.settings.presence_ttl_ms)
+        if not known:
+            await self._reopen_presence()
+
+    async def _reopen_presence(self) -> None:
+        """The registry lost this instance (reaped after an outage longer than its
+        TTL): open the sessions of every live connection again, so that connected
+        users are shown online again (once: the store reports the transitions)."""
+        for conn in list(self.connections):
+            user_id = conn.session.user_id
+            if not conn.presence_open or user_id is None:
+                continue
+            with anyio.fail_after(self.settings.backend_timeout):
+                change = await self.presence.session_opened(
+                    self.instance_id, user_id, conn.session.session_id
+                )
+            await self._presence_changed(change, conn.servers)
 
     async def _presence_loop(self) -> None:
         ttl = self.settings.presence_ttl_ms / 1000.0
@@ -467,7 +530,9 @@ class Gateway:
             with anyio.move_on_after(self.settings.backend_timeout * 2):
                 for server_id in list(session.subscriptions):
                     await self.unroute(conn, server_id)
-                user_id = session.user_id
+                # The user is routed (and may hold a presence session) before READY sets
+                # session.user_id: an IDENTIFY that failed after routing must clean up too.
+                user_id = conn.user.id if conn.user is not None else session.user_id
                 if conn.user_routed and user_id is not None:
                     conns = self.by_user.get(user_id)
                     if conns is not None:
@@ -480,10 +545,12 @@ class Gateway:
                     conn.presence_open = False
                     try:
                         change = await self.presence.session_closed(
-                            self.instance_id, user_id, session.session_id)
+                            self.instance_id, user_id, session.session_id
+                        )
                     except _BACKEND_ERRORS as exc:
-                        log.error("presence: session_closed failed for %s (will retry): %r",
-                                  user_id, exc)
+                        log.error(
+                            "presence: session_closed failed for %s (will retry): %r", user_id, exc
+                        )
                         self._pending_closes.append((user_id, session.session_id, conn.servers))
                     else:
                         await self._presence_changed(change, conn.servers)

@@ -9,6 +9,8 @@ the subscription is confirmed live.
 
 from __future__ import annotations
 
+import contextlib
+
 import anyio
 
 from domain.ports import Broker
@@ -53,10 +55,9 @@ class ChannelInterest:
         async with state.lock:
             if state.refs == 0 and state.live:
                 state.live = False
-                try:
+                # The broker resubscribes only live channels after an outage.
+                with contextlib.suppress(Exception):
                     await self._broker.unsubscribe(channel)
-                except Exception:  # the broker resubscribes only live channels
-                    pass
             if state.refs == 0 and self._channels.get(channel) is state:
                 del self._channels[channel]
 

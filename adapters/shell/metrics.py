@@ -31,7 +31,8 @@ class Metrics:
             "gateway_slow_consumers", "Connections closed 4010 (slow consumer)", registry=r
         )
         self.outbound_queued = Gauge(
-            "gateway_outbound_queued_frames", "Frames queued for clients, all connections",
+            "gateway_outbound_queued_frames",
+            "Frames queued for clients, all connections",
             registry=r,
         )
         self.fanout_seconds = Histogram(
@@ -60,7 +61,9 @@ class Metrics:
             "gateway_directory_seconds", "Directory lookups made for clients", registry=r
         )
         self.backend_failures = Counter(
-            "gateway_backend_failures", "Backend calls that failed, by backend", ["backend"],
+            "gateway_backend_failures",
+            "Backend calls that failed, by backend",
+            ["backend"],
             registry=r,
         )
         self.presence_broadcasts = Counter(
