@@ -19,9 +19,9 @@ from hypercorn.config import Config as HypercornConfig
 from starlette.applications import Starlette
 
 from adapters.shell import Gateway
+from entrypoints import hypercorn_compat
 from entrypoints.app import create_app
 from entrypoints.config import Config
-from entrypoints import hypercorn_compat
 
 log = logging.getLogger("gateway.serve")
 
