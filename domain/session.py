@@ -62,9 +62,11 @@ class State(Enum):
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Queue this frame (already encoded, ``s`` already stamped) for the client."""
+    """Queue this frame (already encoded, ``s`` already stamped) for the client.
+    ``error`` names the ERROR code when the frame is an ERROR (for metrics)."""
 
     text: str
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +186,7 @@ class Session:
         "config",
         "connected_at",
         "last_heartbeat",
+        "last_op",
         "rate",
         "seq",
         "session_id",
@@ -199,6 +202,8 @@ class Session:
         self.connected_at = now
         self.last_heartbeat = now
         self.seq = 0
+        #: The op of the last client frame (a client op name, or "invalid"): metrics.
+        self.last_op = ""
         self.user_id: UserId | None = None
         self.subscriptions: set[ServerId] = set()
         self.rate = SlidingWindow(config.rate_limit_count, config.rate_limit_window)
@@ -226,7 +231,9 @@ class Session:
             return self.close(CloseCode.RATE_LIMITED, "rate limited")
         decoded = decode_command(raw)
         if isinstance(decoded, ProtocolError):
+            self.last_op = decoded.op if decoded.op in _OP_NAMES_SET else "invalid"
             return self._invalid(decoded)
+        self.last_op = _OP_NAMES[type(decoded)]
         return self.handle(decoded, now)
 
     def handle(self, command: Command, now: float) -> list[Effect]:
@@ -251,7 +258,7 @@ class Session:
             if error.op in _READY_OPS and self.state is not State.READY:
                 code = ErrorCode.NOT_AUTHENTICATED
                 return self.refuse(code, _ERROR_TEXT[code], error.op)
-        return [Send(encode_error(error))]
+        return [Send(encode_error(error), error.code.value)]
 
     # --- actions of the op table --------------------------------------------------
 
@@ -322,7 +329,7 @@ class Session:
     def refuse(self, code: ErrorCode, message: str, op: str | None) -> list[Effect]:
         if self.state is State.CLOSED:
             return []
-        return [Send(encode_error(ProtocolError(code, message, op)))]
+        return [Send(encode_error(ProtocolError(code, message, op)), code.value)]
 
     # --- timers and teardown ------------------------------------------------------
 
@@ -371,3 +378,4 @@ _OP_NAMES: dict[type, str] = {
     TypingStart: "TYPING_START",
     PresenceUpdate: "PRESENCE_UPDATE",
 }
+_OP_NAMES_SET = frozenset(_OP_NAMES.values())

@@ -194,7 +194,9 @@ class Connection:
                 if raw is None:
                     continue
             metrics.bytes_in.inc(len(raw))
-            await self.apply(session.receive(raw, clock.monotonic()))
+            effects = session.receive(raw, clock.monotonic())
+            metrics.frames_in.labels(session.last_op or "none").inc()
+            await self.apply(effects)
         # Closed by us: the sender finishes the close handshake and ends the group.
         await anyio.sleep_forever()
 
@@ -220,6 +222,8 @@ class Connection:
         for effect in effects:
             if isinstance(effect, Send):
                 self.enqueue(effect.text)
+                if effect.error is not None:
+                    gateway.metrics.errors.labels(effect.error).inc()
             elif isinstance(effect, Close):
                 self._close_from_session(effect)
             elif isinstance(effect, Authenticate):

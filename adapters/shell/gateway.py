@@ -143,6 +143,7 @@ class Gateway:
         self.connections.add(conn)
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
         self.metrics.connections_opened.inc()
+        log.info("connection opened", extra={"session_id": session.session_id})
         await conn.run()
 
     async def drain(self, timeout: float | None = None) -> None:
