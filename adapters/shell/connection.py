@@ -87,7 +87,7 @@ class Connection:
         """Queue a dispatch for this connection (READY sessions only)."""
         if self.session.state is State.READY and self._close is None:
             self.enqueue(self.session.stamp(template))
-            self.gateway.metrics.deliveries.inc()
+            self.gateway.metrics.hot.deliveries += 1
 
     def enqueue(self, text: str) -> None:
         if self._close is not None:
@@ -144,15 +144,15 @@ class Connection:
 
     async def _pump(self) -> None:
         outbound = self.outbound
-        metrics = self.gateway.metrics
+        hot = self.gateway.metrics.hot
         send = self.transport.send
         while True:
             while outbound:
                 text = outbound.popleft()
                 self.queued_bytes -= len(text)
                 await send(text)
-                metrics.frames_out.inc()
-                metrics.bytes_out.inc(len(text))
+                hot.frames_out += 1
+                hot.bytes_out += len(text)
             if self._close is not None:
                 return
             self._wake = anyio.Event()
@@ -180,7 +180,7 @@ class Connection:
     async def _read(self) -> None:
         session = self.session
         clock = self.gateway.clock
-        metrics = self.gateway.metrics
+        hot = self.gateway.metrics.hot
         while session.state is not State.CLOSED:
             if session.state is State.AWAITING_IDENTIFY:
                 raw: str | bytes | None = None
@@ -193,9 +193,9 @@ class Connection:
                 raw = await self._receive_one()
                 if raw is None:
                     continue
-            metrics.bytes_in.inc(len(raw))
+            hot.bytes_in += len(raw)
             effects = session.receive(raw, clock.monotonic())
-            metrics.frames_in.labels(session.last_op or "none").inc()
+            hot.frames_in[session.last_op or "none"] += 1
             await self.apply(effects)
         # Closed by us: the sender finishes the close handshake and ends the group.
         await anyio.sleep_forever()
