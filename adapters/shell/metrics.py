@@ -56,7 +56,6 @@ class Metrics:
         self.closes = Counter(
             "gateway_closes", "Connections closed, by close code", ["code"], registry=r
         )
-        self.frames_out = Counter("gateway_frames_out", "Frames sent to clients", registry=r)
         self.errors = Counter("gateway_errors", "ERROR frames sent, by code", ["code"], registry=r)
         self.rate_limited = Counter(
             "gateway_rate_limited", "Connections closed 4008 (rate limit)", registry=r

@@ -30,7 +30,8 @@ class StarletteTransport:
             if text is not None:
                 # len(text) <= bytes <= 4 * len(text): encode only when it matters.
                 if len(text) > self._max or (
-                    len(text) * 4 > self._max and len(text.encode("utf-8", "surrogatepass")) > self._max
+                    len(text) * 4 > self._max
+                    and len(text.encode("utf-8", "surrogatepass")) > self._max
                 ):
                     raise MessageTooBig()
                 return str(text)
