@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, cast
+from collections.abc import Hashable, Iterable, Mapping
+from typing import Any, TypeVar, cast
 
 from domain.model import Channel, DirectoryData, Member, Overwrite, Role, Server, User
 
@@ -141,17 +141,36 @@ def parse_directory(document: object) -> DirectoryData:
     return data
 
 
+K = TypeVar("K", bound=Hashable)
+
+
+def _first_duplicate(keys: Iterable[K]) -> K | None:
+    seen: set[K] = set()
+    for key in keys:
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
+
+
 def _check_references(data: DirectoryData) -> None:
     user_ids = {u.id for u in data.users}
     server_ids = {s.id for s in data.servers}
+    # Duplicates: the adapters would disagree on them (the memory directory keeps the
+    # last one, Postgres merges or refuses them), so none is accepted.
     for kind, ids in (
-        ("user", [u.id for u in data.users]),
-        ("server", [s.id for s in data.servers]),
-        ("channel", [c.id for c in data.channels]),
-        ("role", [r.id for r in data.roles]),
+        ("user id", [u.id for u in data.users]),
+        ("username", [u.username for u in data.users]),
+        ("server id", [s.id for s in data.servers]),
+        ("channel id", [c.id for c in data.channels]),
+        ("role id", [r.id for r in data.roles]),
     ):
-        if len(ids) != len(set(ids)):
-            raise FixtureError(f"duplicate {kind} id")
+        duplicate = _first_duplicate(ids)
+        if duplicate is not None:
+            raise FixtureError(f"duplicate {kind} {duplicate!r}")
+    member = _first_duplicate((m.server_id, m.user_id) for m in data.members)
+    if member is not None:
+        raise FixtureError(f"duplicate member: user {member[1]!r} of server {member[0]!r}")
     for s in data.servers:
         if s.owner_id not in user_ids:
             raise FixtureError(f"server {s.id}: owner {s.owner_id} is not a user")
@@ -160,14 +179,19 @@ def _check_references(data: DirectoryData) -> None:
         if r.server_id not in server_ids:
             raise FixtureError(f"role {r.id}: unknown server {r.server_id}")
     for m in data.members:
-        if m.server_id not in server_ids or m.user_id not in user_ids:
-            raise FixtureError(f"member {m.user_id}@{m.server_id}: unknown user or server")
+        if m.server_id not in server_ids:
+            raise FixtureError(f"member {m.user_id}@{m.server_id}: unknown server {m.server_id}")
+        if m.user_id not in user_ids:
+            raise FixtureError(f"member {m.user_id}@{m.server_id}: unknown user {m.user_id}")
         for rid in m.role_ids:
             if role_server.get(rid) != m.server_id:
                 raise FixtureError(f"member {m.user_id}@{m.server_id}: unknown role {rid}")
     for c in data.channels:
         if c.server_id not in server_ids:
             raise FixtureError(f"channel {c.id}: unknown server {c.server_id}")
+        target = _first_duplicate((o.type, o.id) for o in c.overwrites)
+        if target is not None:
+            raise FixtureError(f"channel {c.id}: two overwrites for {target[0]} {target[1]!r}")
 
 
 def dump_directory(data: DirectoryData) -> dict[str, Any]:
