@@ -54,6 +54,12 @@ def create_client(
         socket_connect_timeout=connect_timeout if connect_timeout is not None else timeout,
         socket_keepalive=True,
         retry=Retry(NoBackoff(), 0),
+        # RESP2, explicitly: with RESP3 (redis-py 8's default) the pool enables
+        # "maintenance notifications" ("auto"), and then skips its check-out test
+        # for connections the server closed while they sat idle in the pool. After a
+        # Redis restart each such connection would fail one call (retries are off):
+        # a PUBLISH lost, an IDENTIFY closed with 4000.
+        protocol=2,
     )
     return Redis.from_pool(pool)
 
