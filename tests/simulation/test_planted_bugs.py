@@ -1,0 +1,115 @@
+"""Proof that the simulation bites: plant a known bug, expect the right invariant.
+
+Each bug is planted by monkeypatching the real class for one run of a seed that passes
+without it (see test_simulation.py), and the run must report the invariant that the
+bug breaks, first, and nothing unrelated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from adapters.memory import MemoryPresenceStore, MemoryTypingGate
+from adapters.shell import Connection, Gateway
+from domain.codec import DispatchTemplate
+from domain.model import PresenceChange, ServerId
+from simulation.cli import main
+from simulation.invariants import EXACTLY_ONCE, LEAKS, PRESENCE, RECIPIENTS, TYPING
+from simulation.world import SimConfig, run_simulation
+
+SEED = 11
+CONFIG = SimConfig(
+    seed=SEED,
+    instances=3,
+    clients=60,
+    minutes=3.0,
+    activity=2.0,
+    publish_rate=1.0,
+    stop_on_violation=False,
+)
+ARGS = [
+    "--instances",
+    "3",
+    "--clients",
+    "60",
+    "--minutes",
+    "3",
+    "--seed",
+    str(SEED),
+    "--activity",
+    "2",
+    "--publish-rate",
+    "1",
+]
+
+
+async def _claim_always(self: MemoryTypingGate, key: str, ttl_ms: int) -> bool:
+    return True  # typing dedup off: every TYPING_START is "new"
+
+
+async def _reap_nothing(self: MemoryPresenceStore) -> list[PresenceChange]:
+    return []  # a dead instance's sessions are never dropped
+
+
+_deliver = Connection.deliver
+
+
+def _deliver_twice(self: Connection, template: DispatchTemplate) -> None:
+    _deliver(self, template)
+    _deliver(self, template)
+
+
+async def _unroute_nothing(self: Gateway, conn: Connection, server_id: ServerId) -> None:
+    return None  # subscriptions are never released
+
+
+BUGS: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], str, set[str]]] = {
+    "typing dedup off": (
+        lambda mp: mp.setattr(MemoryTypingGate, "claim", _claim_always),
+        TYPING,
+        {TYPING},
+    ),
+    "no presence cleanup on crash": (
+        lambda mp: mp.setattr(MemoryPresenceStore, "reap", _reap_nothing),
+        PRESENCE,
+        {PRESENCE, LEAKS},
+    ),
+    "double delivery": (
+        lambda mp: mp.setattr(Connection, "deliver", _deliver_twice),
+        EXACTLY_ONCE,
+        {EXACTLY_ONCE},
+    ),
+    # Visible first as events after UNSUBSCRIBED, then as routes left at the end.
+    "subscription leak": (
+        lambda mp: mp.setattr(Gateway, "unroute", _unroute_nothing),
+        RECIPIENTS,
+        {RECIPIENTS, LEAKS},
+    ),
+}
+
+
+@pytest.mark.parametrize("bug", list(BUGS))
+def test_planted_bug_is_reported(monkeypatch: pytest.MonkeyPatch, bug: str) -> None:
+    plant, first, names = BUGS[bug]
+    plant(monkeypatch)
+    report = run_simulation(CONFIG)
+    assert report.violations, f"{bug} went unnoticed"
+    assert report.violations[0].invariant == first
+    assert {v.invariant for v in report.violations} == names
+    assert report.violations[0].trace  # a trace to reproduce it
+
+
+def test_cli_exits_1_with_seed_invariant_and_trace(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(Connection, "deliver", _deliver_twice)
+    code = main(ARGS)
+    out = capsys.readouterr().out
+    assert code == 1
+    assert f"VIOLATION {EXACTLY_ONCE} at t=" in out
+    assert f"seed {SEED}" in out
+    command = f"gateway simulate --instances 3 --clients 60 --minutes 3 --seed {SEED}"
+    assert f"reproduce: {command}" in out
+    assert "trace (time in µs" in out
