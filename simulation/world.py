@@ -74,6 +74,8 @@ class SimConfig:
     publish_rate: float | None = None
     #: multiplies how often clients act (type, change presence, subscribe, open tabs...)
     activity: float = 1.0
+    #: an explicit schedule of infrastructure faults instead of the seeded plan
+    fault_plan: tuple[PlannedFault, ...] | None = None
     #: seconds between continuous checks; presence is checked every other time
     check_interval: float = 10.0
 
@@ -284,9 +286,17 @@ class World:
     # --- faults ---------------------------------------------------------------------------
 
     def _schedule_faults(self) -> None:
-        for fault in plan(
-            self.fault_rng, self.config.faults, self.config.active_seconds, self.config.instances
-        ):
+        planned = self.config.fault_plan
+        if planned is None:
+            planned = tuple(
+                plan(
+                    self.fault_rng,
+                    self.config.faults,
+                    self.config.active_seconds,
+                    self.config.instances,
+                )
+            )
+        for fault in planned:
             self.loop.call_at(fault.at, self._fault, fault)
 
     def _fault(self, fault: PlannedFault) -> None:
