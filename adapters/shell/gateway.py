@@ -102,6 +102,7 @@ class Gateway:
         #: Presence closes that failed (backend down), retried by the presence loop so
         #: that no session leaks in the registry while this instance stays alive.
         self._pending_closes: list[tuple[UserId, str, tuple[Server, ...]]] = []
+        self._pending_broadcasts: list[PresenceChange] = []
         self._idle = anyio.Event()
         self._idle.set()
         self._tasks: anyio.abc.TaskGroup | None = None
@@ -335,17 +336,37 @@ class Gateway:
             self.metrics.backend_failures.labels("directory").inc()
             log.warning("presence: directory write failed for %s: %r", change.user_id, exc)
             if servers is None:
+                # A reaped user's servers are unknown: broadcast later, not never.
+                self._pending_broadcasts.append(change)
                 return
-        if not change.visible_changed or servers is None:
-            return
+        if change.visible_changed and servers is not None:
+            await self._broadcast_presence(change.user_id, change.after, servers)
+
+    async def _retry_pending_broadcasts(self) -> None:
+        """Broadcasts of reaped users that failed on the directory: resend them unless
+        a newer transition of the same user has been broadcast since."""
+        while self._pending_broadcasts:
+            change = self._pending_broadcasts[0]
+            with anyio.fail_after(self.settings.backend_timeout):
+                current = await self.presence.get_status(change.user_id)
+                servers = await self.directory.get_user_servers(change.user_id)
+                if current is change.after:
+                    await self.directory.set_user_status(change.user_id, current)
+            self._pending_broadcasts.pop(0)
+            if current.visible is change.after.visible:
+                await self._broadcast_presence(change.user_id, change.after, servers)
+
+    async def _broadcast_presence(
+        self, user_id: UserId, status_after: Status, servers: Iterable[Server]
+    ) -> None:
         self.metrics.presence_broadcasts.inc()
-        status = change.after.visible.value
+        status = status_after.visible.value
         for server in servers:
             await self.publish_to_server(
                 server.id,
                 {
                     "op": "PRESENCE_UPDATE",
-                    "d": {"userId": change.user_id, "serverId": server.id, "status": status},
+                    "d": {"userId": user_id, "serverId": server.id, "status": status},
                 },
             )
 
@@ -502,6 +523,7 @@ class Gateway:
             try:
                 await self._keep_alive()
                 await self._retry_pending_closes()
+                await self._retry_pending_broadcasts()
                 if self.clock.monotonic() >= next_reap:
                     next_reap = self.clock.monotonic() + ttl / 2
                     with anyio.fail_after(self.settings.backend_timeout):

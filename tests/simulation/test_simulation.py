@@ -137,12 +137,8 @@ def test_cli_refuses_unknown_faults(capsys: pytest.CaptureFixture[str]) -> None:
     assert "meteor" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known shell bug: Gateway._presence_changed drops the broadcast of a reaped "
-    "user's change when the directory fails (reap path, servers=None); nothing retries it",
-)
 def test_presence_converges_when_the_directory_fails_during_a_reap() -> None:
+    # Regression: the reap path used to drop the broadcast when the directory failed.
     # Crash an instance at 30 s; the survivor reaps its sessions at 80-120 s, while the
     # directory fails (70-130 s): the users who went offline must still be shown offline.
     fault_plan = (PlannedFault(30.0, CRASH, 30.0), PlannedFault(70.0, DIRECTORY, 60.0))
