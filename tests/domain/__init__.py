@@ -1,0 +1,1 @@
+"""Pure tests of the domain: unit, property and stateful tests, no I/O, no event loop."""
