@@ -192,7 +192,7 @@ def test_binary_frames_are_decode_errors(raw: bytes) -> None:
     assert (result.code, result.op) == (ErrorCode.DECODE_ERROR, None)
 
 
-@settings(max_examples=500)
+@settings(max_examples=300)
 @given(frame_texts)
 def test_decode_json_frames_matches_the_protocol(raw: str) -> None:
     assert outcome(decode_command(raw)) == oracle(raw)
@@ -352,7 +352,7 @@ envelope_docs = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=400)
+@settings(max_examples=250)
 @given(envelope_docs, st.booleans(), st.booleans())
 def test_decode_envelope_matches_the_protocol(
     doc: dict[str, Any], ascii_only: bool, as_bytes: bool
