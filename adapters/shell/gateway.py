@@ -353,7 +353,9 @@ class Gateway:
                 if current is change.after:
                     await self.directory.set_user_status(change.user_id, current)
             self._pending_broadcasts.pop(0)
-            if current.visible is change.after.visible:
+            # Queued for its status write too: broadcast only a visible change (a reaped
+            # invisible user goes offline without a PRESENCE_UPDATE).
+            if change.visible_changed and current.visible is change.after.visible:
                 await self._broadcast_presence(change.user_id, change.after, servers)
 
     async def _broadcast_presence(
