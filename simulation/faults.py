@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -217,27 +217,37 @@ class Life:
 
 
 class InstancePresence:
-    """The shared presence store as seen from one instance."""
+    """The shared presence store as seen from one instance; every transition it returns
+    is also reported to ``observe`` (the checker counts visible changes)."""
 
-    def __init__(self, inner: PresenceStore, life: Life) -> None:
+    def __init__(
+        self, inner: PresenceStore, life: Life, observe: Callable[[PresenceChange], None]
+    ) -> None:
         self._inner = inner
         self._life = life
+        self._observe = observe
 
     async def session_opened(
         self, instance_id: InstanceId, user_id: UserId, session_id: SessionId
     ) -> PresenceChange:
         self._life.check()
-        return await self._inner.session_opened(instance_id, user_id, session_id)
+        change = await self._inner.session_opened(instance_id, user_id, session_id)
+        self._observe(change)
+        return change
 
     async def session_closed(
         self, instance_id: InstanceId, user_id: UserId, session_id: SessionId
     ) -> PresenceChange:
         self._life.check()
-        return await self._inner.session_closed(instance_id, user_id, session_id)
+        change = await self._inner.session_closed(instance_id, user_id, session_id)
+        self._observe(change)
+        return change
 
     async def set_status(self, user_id: UserId, status: Status) -> PresenceChange:
         self._life.check()
-        return await self._inner.set_status(user_id, status)
+        change = await self._inner.set_status(user_id, status)
+        self._observe(change)
+        return change
 
     async def get_status(self, user_id: UserId) -> Status:
         self._life.check()
@@ -249,7 +259,10 @@ class InstancePresence:
 
     async def reap(self) -> list[PresenceChange]:
         self._life.check()
-        return await self._inner.reap()
+        changes = await self._inner.reap()
+        for change in changes:
+            self._observe(change)
+        return changes
 
     async def ping(self) -> None:
         self._life.check()

@@ -18,7 +18,7 @@ from typing import Any
 
 from adapters.memory import MemoryPresenceStore
 from adapters.shell import GatewaySettings
-from domain.model import SessionId, Status, UserId
+from domain.model import PresenceChange, SessionId, Status, UserId
 from simulation.faults import FaultLog
 from simulation.model import (
     CLOSED,
@@ -156,6 +156,10 @@ class Checker:
         self.closed_on: dict[str, dict[UserId, float]] = {}
         self.intents: dict[str, tuple[str, str, str | None, str | None]] = {}
         self.presence_last: dict[tuple[UserId, str], str] = {}
+        #: user -> visible transitions the store reported; (user, server) -> that count
+        #: when its last PRESENCE_UPDATE was published
+        self.transitions: dict[UserId, int] = {}
+        self.presence_seen: dict[tuple[UserId, str], int] = {}
         self.presence_lost: set[tuple[UserId, str]] = set()
         self.typing_last: dict[tuple[str, UserId], int] = {}
         #: head -> the latest record published with it (tells a duplicate of one event
@@ -541,6 +545,11 @@ class Checker:
         else:
             self.violation(RECIPIENTS, f"unknown publish on {channel}: {payload[:200]!r}")
 
+    def presence_changed(self, change: PresenceChange) -> None:
+        """A transition of the presence store, as an instance saw it."""
+        if change.visible_changed:
+            self.transitions[change.user_id] = self.transitions.get(change.user_id, 0) + 1
+
     def publish_failed(self, channel: str, payload: bytes) -> None:
         self.failed_publishes += 1
         event = json.loads(payload)["event"]
@@ -599,7 +608,14 @@ class Checker:
         assert isinstance(status, str)
         key = (user, server)
         previous = self.presence_last.get(key, "offline")
-        if previous == status and key not in self.presence_lost:
+        changes = self.transitions.get(user, 0)
+        # A repeat is fine after a visible transition that was never broadcast (a reaped
+        # user back before the retry of its offline broadcast): the store did change.
+        if (
+            previous == status
+            and key not in self.presence_lost
+            and changes == self.presence_seen.get(key, 0)
+        ):
             self.violation(
                 PRESENCE_ONCE,
                 f"PRESENCE_UPDATE {user} {status} on {server} "
@@ -607,6 +623,7 @@ class Checker:
                 user,
             )
         self.presence_last[key] = status
+        self.presence_seen[key] = changes
         self.presence_lost.discard(key)
         rec.server = server
         rec.presence = (user, status)

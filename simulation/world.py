@@ -145,7 +145,7 @@ class SimInstance:
         self.gateway = Gateway(
             broker=self.broker,
             typing_gate=InstanceTypingGate(world.typing, self.life),
-            presence=InstancePresence(world.presence, self.life),
+            presence=InstancePresence(world.presence, self.life, world.checker.presence_changed),
             directory=InstanceDirectory(world.directory, self.life),
             tokens=world.verifier,
             clock=world.clock,
