@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import shlex
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -61,6 +62,7 @@ class Options:
     connect: ConnectSpec
     storm: StormSpec
     profile_seconds: int
+    storm_rounds: int
     docs: Path | None
     command: str
     gateway_backend: str
@@ -80,8 +82,8 @@ def parse(argv: list[str]) -> Options:
     p.add_argument("--k", type=int, help="fan-out burst events (default 200, quick 100)")
     p.add_argument("--k-socketio", type=int,
                    help="fan-out burst events for socket.io, several times slower "
-                        "(default 50, quick 25)")
-    p.add_argument("--paced", type=int, help="paced events (default 10, quick 6)")
+                        "(default 40, quick 20)")
+    p.add_argument("--paced", type=int, help="paced events (default 6, quick 4)")
     p.add_argument("--paced-rate", type=float, default=2.0, help="paced events per second")
     p.add_argument("--memory-n", type=int, default=2000)
     p.add_argument("--handshake-n", type=int, default=1000)
@@ -89,7 +91,9 @@ def parse(argv: list[str]) -> Options:
     p.add_argument("--storm-rates", default="125,250,500,1000",
                    help="storm ramp: offered client frames/s per step")
     p.add_argument("--storm-group", type=int, default=20, help="users per server in the storm")
-    p.add_argument("--profile-seconds", type=int, help="default 10, quick 5")
+    p.add_argument("--profile-seconds", type=int, help="default 8, quick 4")
+    p.add_argument("--storm-rounds", type=int, default=1,
+                   help="rounds that include the storm (gateway only; default 1)")
     p.add_argument("--gateway-backend", choices=("auto", "redis", "memory"), default="auto",
                    help="memory: no GATEWAY_REDIS_URL (fan-out scenarios are then skipped)")
     p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
@@ -106,7 +110,7 @@ def parse(argv: list[str]) -> Options:
     if not args.redis_url.startswith("redis://127.0.0.1") and \
             not args.redis_url.startswith("redis://localhost"):
         p.error("--redis-url must point at 127.0.0.1 (loopback only)")
-    paced = args.paced if args.paced is not None else (6 if quick else 10)
+    paced = args.paced if args.paced is not None else (4 if quick else 6)
     return Options(
         rounds=args.rounds if args.rounds is not None else (1 if quick else 3),
         systems=systems,
@@ -114,14 +118,15 @@ def parse(argv: list[str]) -> Options:
         redis_url=args.redis_url,
         clients=args.clients,
         fanout=FanoutSpec(n=args.n, burst=args.k or (100 if quick else 200),
-                          burst_socketio=args.k_socketio or (25 if quick else 50), paced=paced,
+                          burst_socketio=args.k_socketio or (20 if quick else 40), paced=paced,
                           paced_rate=args.paced_rate, clients=args.clients),
         connect=ConnectSpec(n=args.memory_n, timed=min(args.handshake_n, args.memory_n),
                             clients=args.clients),
         storm=StormSpec(n=args.storm_n, group=args.storm_group,
                         rates=tuple(float(x) for x in args.storm_rates.split(",") if x),
                         clients=args.clients),
-        profile_seconds=args.profile_seconds or (5 if quick else 10),
+        profile_seconds=args.profile_seconds or (4 if quick else 8),
+        storm_rounds=args.storm_rounds,
         docs=None if args.no_docs else ROOT / "docs" / "BENCHMARKS.md",
         command="bench/run" + "".join(" " + shlex.quote(a) for a in argv),
         gateway_backend=args.gateway_backend,
@@ -184,23 +189,26 @@ class Run:
                     await self.one(f"round {r + 1} {scenario} {system}", system, scenario,
                                    run_fanout(self.ctx, system, spec, name, publisher,
                                               self.notes))
+                    if (instances == 1 and system == GATEWAY and r == 0 and fanout_ok
+                            and "clientcheck" in o.scenarios):
+                        # Right after the run it is compared with, so drift is small.
+                        spec = FanoutSpec(**{**asdict(o.fanout), "clients": o.clients + 1})
+                        await self.one(
+                            f"round {r + 1} fanout1 gateway, {o.clients + 1} client procs",
+                            f"{GATEWAY}+client", "fanout1",
+                            run_fanout(self.ctx, GATEWAY, spec, f"{tag}-gw-cc", publisher,
+                                       self.notes))
             if "connect" in o.scenarios:
                 for system in o.systems:
                     await self.one(f"round {r + 1} connect+memory {system}", system, "connect",
                                    run_connect(self.ctx, system, o.connect,
                                                f"{tag}-{system[:2]}-c", self.notes))
-            if "storm" in o.scenarios and GATEWAY in o.systems:
+            if "storm" in o.scenarios and GATEWAY in o.systems and r < o.storm_rounds:
                 await self.one(f"round {r + 1} storm gateway", GATEWAY, "storm",
                                run_storm(self.ctx, o.storm, f"{tag}-gw-s", self.notes))
             if "joinstorm" in o.scenarios and GATEWAY in o.systems and fanout_ok:
                 await self.one(f"round {r + 1} joinstorm gateway", GATEWAY, "joinstorm",
                                run_joinstorm(self.ctx, o.fanout, f"{tag}-gw-j", self.notes))
-            if "clientcheck" in o.scenarios and GATEWAY in o.systems and fanout_ok and r == 0:
-                spec = FanoutSpec(**{**asdict(o.fanout), "clients": o.clients + 1})
-                await self.one(f"round {r + 1} fanout1 gateway, {o.clients + 1} client procs",
-                               f"{GATEWAY}+client", "fanout1",
-                               run_fanout(self.ctx, GATEWAY, spec, f"{tag}-gw-cc", publisher,
-                                          self.notes))
 
     async def profile(self, publisher: Publisher) -> None:
         if "profile" not in self.opts.scenarios or not self.ctx.gateway_redis:
@@ -219,12 +227,13 @@ class Run:
             bursts = 0
             delivered = 0
             t0 = time.monotonic()
+            burst = min(spec.burst, 50)  # several bursts, so the profile is steady state
             while not recorder.done() and time.monotonic() - t0 < seconds + 20:
                 for c in clients:
-                    c.send({"cmd": "collect", "expect": spec.burst, "timeout": 30, "idle_s": 3})
+                    c.send({"cmd": "collect", "expect": burst, "timeout": 30, "idle_s": 3})
                 for c in clients:
                     await c.read(30.0)
-                await pub.publish(GATEWAY, room, spec.burst, None)
+                await pub.publish(GATEWAY, room, burst, None)
                 replies = await asyncio.gather(*(c.read(60.0) for c in clients))
                 delivered += sum(r["deliveries"] for r in replies)
                 bursts += 1
@@ -290,15 +299,30 @@ def client_check(results: report.Results, clients: int) -> str:
     one = results.get(GATEWAY, {}).get("fanout1.dps", [])
     two = results.get(f"{GATEWAY}+client", {}).get("fanout1.dps", [])
     cpu = results.get(GATEWAY, {}).get("fanout1.client_cpu", [])
+    cpu_two = results.get(f"{GATEWAY}+client", {}).get("fanout1.client_cpu", [])
     if not one or not two:
         return "- not run"
     m1, m2 = median(one), median(two)
-    verdict = ("the client was not the bottleneck" if abs(m2 / m1 - 1) < 0.1
-               else ("more client processes raise throughput: the client WAS a bottleneck"
-                     if m2 > m1 else "a second client process lowers throughput (CPU contention)"))
-    return (f"- {clients} process(es): {m1:,.0f} deliveries/s (busiest client at "
-            f"{median(cpu):.0%} of a core); {clients + 1}: {m2:,.0f} deliveries/s; "
-            f"ratio {m2 / m1:.2f}: {verdict}.")
+    first = one[0]  # the run the check ran right after
+    change = m2 / first - 1
+    spread = (max(one) - min(one)) / m1 if len(one) > 1 else float("nan")
+    busy = max(cpu) if cpu else float("nan")
+    if busy >= 0.8:
+        verdict = "the client WAS a bottleneck (its process was near a full core)"
+    elif busy < 0.5 and (spread != spread or abs(change) <= max(spread, 0.1)):
+        verdict = ("the client was not the bottleneck: its process was mostly idle, and a "
+                   "second one changed throughput no more than runs differ from each other")
+    elif busy < 0.5:
+        verdict = ("the client process was mostly idle, yet a second one changed throughput "
+                   "more than runs differ from each other: treat the rates with care")
+    else:
+        verdict = "inconclusive: the client process was busy; run with --clients 2"
+    return (f"- {clients} process(es): {first:,.0f} deliveries/s in the paired run (median "
+            f"over rounds {m1:,.0f}, spread between rounds {spread:.0%}); busiest client "
+            f"process at {busy:.0%} of a core at most.\n"
+            f"- {clients + 1} processes, right after: {m2:,.0f} deliveries/s ({change:+.0%}); "
+            f"busiest client process at {median(cpu_two):.0%} of a core.\n"
+            f"- Verdict: {verdict}.")
 
 
 def render_profile(summary: profiling.Summary, info: dict[str, object], raw: Path) -> str:
@@ -375,10 +399,15 @@ async def main_async(opts: Options) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds through the finally blocks that stop children
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse(sys.argv[1:] if argv is None else argv)
     os.chdir(ROOT)
     atexit.register(kill_all_now)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         import uvloop
     except ImportError:  # pragma: no cover

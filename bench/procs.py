@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -26,6 +27,17 @@ SOCKETIO = "socketio"
 SYSTEMS = (GATEWAY, CEILING, SOCKETIO)
 
 _LIVE: list[asyncio.subprocess.Process] = []
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the benchmark process dies, however
+    it dies (Linux), so that no server or load generator outlives it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def free_port() -> int:
@@ -46,6 +58,7 @@ async def _spawn(args: list[str], *, env: dict[str, str], log: Path, pipes: bool
             env=env,
             cwd=str(cwd),
             limit=64 * 1024 * 1024,
+            preexec_fn=_die_with_parent,
         )
     _LIVE.append(proc)
     return proc

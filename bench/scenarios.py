@@ -48,8 +48,8 @@ class FanoutSpec:
     burst: int = 200
     #: socket.io delivers several times slower: a smaller burst keeps its runs short
     #: (deliveries/s is a rate; latencies under a burst scale with the burst size).
-    burst_socketio: int = 50
-    paced: int = 10
+    burst_socketio: int = 40
+    paced: int = 6
     paced_rate: float = 2.0  # events per second, low enough for every system
     instances: int = 1
     clients: int = 1
@@ -303,7 +303,7 @@ async def run_connect(ctx: Context, system: str, spec: ConnectSpec, tag: str,
         await _quiesce(clients, 200)
         for client in clients:
             await client.call({"cmd": "close", "timeout": 10}, 20.0)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(0.5)
         rss0 = rss_kib(server.pid)
         cpu0 = cpu_seconds(server.pid)
         timed = await _connect(ctx, system, plan, range(spec.timed), servers, clients,
@@ -316,7 +316,7 @@ async def run_connect(ctx: Context, system: str, spec: ConnectSpec, tag: str,
             notes.append(f"{tag}: connected {connected}/{spec.n} "
                          f"{timed['failures']} {rest['failures']}")
         await _quiesce(clients, 500)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(0.5)
         rss1 = rss_kib(server.pid)
         snap1 = _snapshot(ctx, servers, clients)
     return {
