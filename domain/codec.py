@@ -144,10 +144,17 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+# ensure_ascii: a lone surrogate from a JSON escape ("\ud800") must not reach the
+# socket's UTF-8 encoder. allow_nan=False: NaN and Infinity are not JSON. Both are
+# built once: json.loads/dumps with options build a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def _loads(text: str) -> Any:
     """Strict JSON: NaN and Infinity are refused. Too deep a nesting raises
     RecursionError, which callers treat as malformed input."""
-    return json.loads(text, parse_constant=_reject_constant)
+    return _DECODER.decode(text)
 
 
 _PARSERS = {
@@ -185,9 +192,7 @@ def decode_command(raw: str | bytes) -> Command | ProtocolError:
 
 
 def _dumps(value: Any) -> str:
-    # ensure_ascii: a lone surrogate from a JSON escape ("\ud800") must not reach the
-    # socket's UTF-8 encoder. allow_nan=False: NaN and Infinity are not JSON.
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    return _ENCODER.encode(value)
 
 
 def encode_control(op: str, d: Any) -> str:

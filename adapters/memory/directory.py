@@ -28,6 +28,8 @@ class MemoryDirectory:
         self._members: dict[tuple[ServerId, UserId], Member] = {}
         self._channels: dict[ChannelId, Channel] = {}
         self._servers_of: dict[UserId, set[ServerId]] = {}
+        self._roles_of: dict[ServerId, dict[str, Role]] = {}
+        self._channels_of: dict[ServerId, dict[ChannelId, Channel]] = {}
         self.statuses: dict[UserId, Status] = {}
         #: Fault injection: while set, every call raises BackendUnavailable.
         self.failing = False
@@ -47,11 +49,12 @@ class MemoryDirectory:
             self._servers[s.id] = s
         for r in data.roles:
             self._roles[r.id] = r
+            self._roles_of.setdefault(r.server_id, {})[r.id] = r
         for m in data.members:
             self._members[(m.server_id, m.user_id)] = m
             self._servers_of.setdefault(m.user_id, set()).add(m.server_id)
         for c in data.channels:
-            self._channels[c.id] = c
+            self.put_channel(c)
 
     async def load(self, data: DirectoryData) -> None:
         self._check()
@@ -82,8 +85,8 @@ class MemoryDirectory:
             return None
         return ServerContext(
             server=server,
-            roles={r.id: r for r in self._roles.values() if r.server_id == server_id},
-            channels={c.id: c for c in self._channels.values() if c.server_id == server_id},
+            roles=dict(self._roles_of.get(server_id, {})),
+            channels=dict(self._channels_of.get(server_id, {})),
         )
 
     async def get_channel(self, channel_id: ChannelId) -> Channel | None:
@@ -115,4 +118,8 @@ class MemoryDirectory:
         self._servers_of.get(user_id, set()).discard(server_id)
 
     def put_channel(self, channel: Channel) -> None:
+        old = self._channels.get(channel.id)
+        if old is not None:
+            self._channels_of.get(old.server_id, {}).pop(channel.id, None)
         self._channels[channel.id] = channel
+        self._channels_of.setdefault(channel.server_id, {})[channel.id] = channel

@@ -69,7 +69,7 @@ class Connection:
         self.queued_bytes = 0
         self.close_code: int | None = None
         self._close: Close | None = None
-        self._wake = anyio.Event()
+        self._wake = gateway.new_event()
         self._send_scope: anyio.CancelScope | None = None
         self._group: anyio.abc.TaskGroup | None = None
 
@@ -155,7 +155,7 @@ class Connection:
                 hot.bytes_out += len(text)
             if self._close is not None:
                 return
-            self._wake = anyio.Event()
+            self._wake = self.gateway.new_event()
             await self._wake.wait()
 
     # --- inbound ------------------------------------------------------------------

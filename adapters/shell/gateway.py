@@ -106,6 +106,14 @@ class Gateway:
         self._idle = anyio.Event()
         self._idle.set()
         self._tasks: anyio.abc.TaskGroup | None = None
+        self._event_class: type[anyio.Event] | None = None
+
+    def new_event(self) -> anyio.Event:
+        """``anyio.Event()`` without the per-call backend lookup (a sender makes one
+        per wake-up): the running backend's Event class, found once."""
+        if self._event_class is None:
+            self._event_class = type(anyio.Event())
+        return self._event_class()
 
     # --- lifecycle ----------------------------------------------------------------
 

@@ -25,6 +25,8 @@ class PermissionCache:
         self._contexts: dict[ServerId, tuple[float, ServerContext | None]] = {}
         self._channels: dict[ChannelId, tuple[float, Channel | None]] = {}
         self._members: dict[ServerId, dict[UserId, tuple[float, Member | None]]] = {}
+        #: server -> ids of its channels in ``_channels`` (invalidation without a scan)
+        self._server_channels: dict[ServerId, set[ChannelId]] = {}
         self.lookups = 0
 
     def _fresh(self, expires: float) -> bool:
@@ -38,10 +40,17 @@ class PermissionCache:
         context = await self._directory.get_server_context(server_id)
         self._contexts[server_id] = (self._clock.monotonic() + self._ttl, context)
         if context is not None:
-            now = self._clock.monotonic() + self._ttl
+            expires = self._clock.monotonic() + self._ttl
             for channel in context.channels.values():
-                self._channels[channel.id] = (now, channel)
+                self._remember_channel(channel.id, expires, channel)
         return context
+
+    def _remember_channel(
+        self, channel_id: ChannelId, expires: float, channel: Channel | None
+    ) -> None:
+        self._channels[channel_id] = (expires, channel)
+        if channel is not None:
+            self._server_channels.setdefault(channel.server_id, set()).add(channel_id)
 
     async def channel(self, channel_id: ChannelId) -> Channel | None:
         hit = self._channels.get(channel_id)
@@ -49,7 +58,7 @@ class PermissionCache:
             return hit[1]
         self.lookups += 1
         channel = await self._directory.get_channel(channel_id)
-        self._channels[channel_id] = (self._clock.monotonic() + self._ttl, channel)
+        self._remember_channel(channel_id, self._clock.monotonic() + self._ttl, channel)
         return channel
 
     async def members(
@@ -99,14 +108,10 @@ class PermissionCache:
         }
 
     def invalidate_server(self, server_id: ServerId) -> None:
-        context = self._contexts.pop(server_id, None)
+        self._contexts.pop(server_id, None)
         self._members.pop(server_id, None)
-        if context is not None and context[1] is not None:
-            for channel_id in context[1].channels:
-                self._channels.pop(channel_id, None)
-        stale = [cid for cid, (_, c) in self._channels.items() if c and c.server_id == server_id]
-        for cid in stale:
-            del self._channels[cid]
+        for channel_id in self._server_channels.pop(server_id, ()):
+            self._channels.pop(channel_id, None)
 
     def invalidate_member(self, server_id: ServerId, user_id: UserId) -> None:
         members = self._members.get(server_id)
@@ -117,3 +122,4 @@ class PermissionCache:
         self._contexts.clear()
         self._channels.clear()
         self._members.clear()
+        self._server_channels.clear()
