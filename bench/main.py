@@ -189,7 +189,7 @@ class Run:
                     await self.one(f"round {r + 1} {scenario} {system}", system, scenario,
                                    run_fanout(self.ctx, system, spec, name, publisher,
                                               self.notes))
-                    if (instances == 1 and system == GATEWAY and r == 0 and fanout_ok
+                    if (instances == 1 and system == GATEWAY and fanout_ok
                             and "clientcheck" in o.scenarios):
                         # Right after the run it is compared with, so drift is small.
                         spec = FanoutSpec(**{**asdict(o.fanout), "clients": o.clients + 1})
@@ -296,32 +296,31 @@ class Run:
 
 
 def client_check(results: report.Results, clients: int) -> str:
-    one = results.get(GATEWAY, {}).get("fanout1.dps", [])
-    two = results.get(f"{GATEWAY}+client", {}).get("fanout1.dps", [])
-    cpu = results.get(GATEWAY, {}).get("fanout1.client_cpu", [])
-    cpu_two = results.get(f"{GATEWAY}+client", {}).get("fanout1.client_cpu", [])
+    gw = results.get(GATEWAY, {})
+    more = results.get(f"{GATEWAY}+client", {})
+    one, two = gw.get("fanout1.dps", []), more.get("fanout1.dps", [])
     if not one or not two:
         return "- not run"
-    m1, m2 = median(one), median(two)
-    first = one[0]  # the run the check ran right after
-    change = m2 / first - 1
-    spread = (max(one) - min(one)) / m1 if len(one) > 1 else float("nan")
-    busy = max(cpu) if cpu else float("nan")
-    if busy >= 0.8:
-        verdict = "the client WAS a bottleneck (its process was near a full core)"
-    elif busy < 0.5 and (spread != spread or abs(change) <= max(spread, 0.1)):
-        verdict = ("the client was not the bottleneck: its process was mostly idle, and a "
-                   "second one changed throughput no more than runs differ from each other")
-    elif busy < 0.5:
-        verdict = ("the client process was mostly idle, yet a second one changed throughput "
-                   "more than runs differ from each other: treat the rates with care")
+    paired = median([b / a for a, b in zip(one, two, strict=False) if a])
+    spread = (max(one) - min(one)) / median(one) if len(one) > 1 else float("nan")
+    util = median(gw.get("fanout1.server_util", []))
+    busy = median(gw.get("fanout1.client_cpu", []))
+    busy_two = median(more.get("fanout1.client_cpu", []))
+    if util >= 0.85 and (paired < 1.1 or paired - 1 <= spread):
+        verdict = ("the client was not the bottleneck: the gateway process used "
+                   f"{util:.0%} of a core during the bursts (it set the pace), and a second "
+                   "client process did not change throughput beyond the run-to-run spread")
+    elif paired >= 1.1:
+        verdict = ("a second client process raised throughput: the single client was (part "
+                   "of) the bottleneck; use --clients 2")
     else:
-        verdict = "inconclusive: the client process was busy; run with --clients 2"
-    return (f"- {clients} process(es): {first:,.0f} deliveries/s in the paired run (median "
-            f"over rounds {m1:,.0f}, spread between rounds {spread:.0%}); busiest client "
-            f"process at {busy:.0%} of a core at most.\n"
-            f"- {clients + 1} processes, right after: {m2:,.0f} deliveries/s ({change:+.0%}); "
-            f"busiest client process at {median(cpu_two):.0%} of a core.\n"
+        verdict = (f"inconclusive: the gateway used only {util:.0%} of a core; look at the "
+                   "CPU used by other processes")
+    return (f"- {clients} load-generator process(es): {median(one):,.0f} deliveries/s "
+            f"(median; spread between rounds {spread:.0%}), busiest client process at "
+            f"{busy:.0%} of a core.\n"
+            f"- {clients + 1}, each run right after its pair: {median(two):,.0f} deliveries/s; "
+            f"median paired ratio {paired:.2f}; busiest client process at {busy_two:.0%}.\n"
             f"- Verdict: {verdict}.")
 
 

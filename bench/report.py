@@ -66,6 +66,8 @@ def rows(paced_rate: float) -> list[Row]:
             Row(f"Fan-out, {label}: p99 latency, {paced_rate:g} ev/s (ms)", f"fanout{n}.paced_p99",
                 "{:,.2f}", _LATENCY_TARGETS),
             Row(f"Fan-out, {label}: server CPU per delivery (us)", f"fanout{n}.cpu_us", "{:,.2f}"),
+            Row(f"Fan-out, {label}: server CPU share of a core per process, burst",
+                f"fanout{n}.server_util", "{:.0%}"),
             Row(f"Fan-out, {label}: busiest client process, CPU share of a core",
                 f"fanout{n}.client_cpu", "{:.0%}"),
             Row(f"Fan-out, {label}: connect+subscribe N, then quiet (s)", f"fanout{n}.setup_s",

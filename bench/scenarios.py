@@ -285,6 +285,9 @@ async def run_fanout(ctx: Context, system: str, spec: FanoutSpec, tag: str,
         "burst_p50": burst["p50_ms"], "burst_p99": burst["p99_ms"],
         "paced_p50": paced["p50_ms"], "paced_p99": paced["p99_ms"],
         "cpu_us": burst["server_cpu"] / max(1, burst["deliveries"]) * 1e6,
+        # Share of a core each server process used during the burst: near 1.0 means
+        # the server, not the client, set the pace.
+        "server_util": burst["server_cpu"] / burst["elapsed"] / spec.instances,
         "client_cpu": burst["client_cpu_max"],
         "setup_s": setup,
         "foreign_cores": foreign_cores(snap0, snap1),
