@@ -332,7 +332,8 @@ def render_profile(summary: profiling.Summary, info: dict[str, object], raw: Pat
         f"{info.get('bursts')} back-to-back bursts ({info.get('delivered')} deliveries); "
         f"{summary.samples} busy samples ({info.get('summary')}). "
         f"Collapsed stacks: `{raw.relative_to(ROOT) if raw.is_relative_to(ROOT) else raw}` "
-        "(feed to flamegraph.pl for a picture).",
+        "(feed to flamegraph.pl for a picture). Self times are exact per sample; inclusive "
+        "times undercount, because py-spy reads some uvloop stacks truncated.",
         "",
         "Self time by package:",
         "",
