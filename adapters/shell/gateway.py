@@ -224,7 +224,7 @@ class Gateway:
             await conn.apply(session.identify_failed(CloseCode.UNEXPECTED, "backend unavailable"))
             return
         await conn.apply(session.identified(user, servers, change.after))
-        log.info("identified", extra={"session_id": session.session_id, "user_id": user_id})
+        log.debug("identified", extra={"session_id": session.session_id, "user_id": user_id})
         await self._presence_changed(change, servers)
 
     # --- subscriptions ------------------------------------------------------------
