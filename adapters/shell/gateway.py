@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskStatus
 
 from adapters.shell.connection import Connection
@@ -225,6 +226,9 @@ class Gateway:
             return
         await conn.apply(session.identified(user, servers, change.after))
         log.debug("identified", extra={"session_id": session.session_id, "user_id": user_id})
+        # Let the sender put READY on the wire before the presence broadcast (one
+        # publish per server of the user) runs in this task.
+        await anyio.lowlevel.checkpoint()
         await self._presence_changed(change, servers)
 
     # --- subscriptions ------------------------------------------------------------
