@@ -10,6 +10,7 @@ the subscription is confirmed live.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 
 import anyio
 
@@ -17,12 +18,15 @@ from domain.ports import Broker
 
 
 class _Channel:
-    __slots__ = ("live", "lock", "refs")
+    # The lock exists only while an operation on the channel is under way (``users``
+    # counts its holder and waiters): an idle channel costs three small fields.
+    __slots__ = ("live", "lock", "refs", "users")
 
     def __init__(self) -> None:
         self.refs = 0
         self.live = False
-        self.lock = anyio.Lock()
+        self.lock: anyio.Lock | None = None
+        self.users = 0
 
 
 class ChannelInterest:
@@ -30,13 +34,29 @@ class ChannelInterest:
         self._broker = broker
         self._channels: dict[str, _Channel] = {}
 
+    @contextlib.asynccontextmanager
+    async def _serialised(self, state: _Channel) -> AsyncIterator[None]:
+        if state.lock is None:
+            state.lock = anyio.Lock()
+        lock = state.lock
+        state.users += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            state.users -= 1
+            if state.users == 0:
+                state.lock = None
+
     async def acquire(self, channel: str) -> None:
         state = self._channels.get(channel)
         if state is None:
             state = self._channels[channel] = _Channel()
         state.refs += 1
+        if state.live and state.lock is None:
+            return  # subscribed, and nothing under way: nothing to wait for
         try:
-            async with state.lock:
+            async with self._serialised(state):
                 if not state.live:
                     await self._broker.subscribe(channel)
                     state.live = True
@@ -52,7 +72,7 @@ class ChannelInterest:
         state.refs -= 1
         if state.refs:
             return
-        async with state.lock:
+        async with self._serialised(state):
             if state.refs == 0 and state.live:
                 state.live = False
                 # The broker resubscribes only live channels after an outage.
