@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from domain.codec import CloseCode, DispatchTemplate
-from domain.model import Server, ServerId, User, UserId
+from domain.model import Server, User, UserId
 from domain.ports import MessageTooBig, Transport, TransportClosed
 from domain.session import (
     Authenticate,
@@ -244,6 +244,3 @@ class Connection:
             if close.code == CloseCode.RATE_LIMITED:
                 self.gateway.metrics.rate_limited.inc()
             self._wake.set()
-
-    def routed_servers(self) -> frozenset[ServerId]:
-        return frozenset(self.session.subscriptions)

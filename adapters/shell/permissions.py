@@ -14,8 +14,6 @@ from domain.model import Channel, ChannelId, Member, ServerContext, ServerId, Us
 from domain.permissions import can_read
 from domain.ports import Clock, Directory
 
-_Absent = None
-
 
 class PermissionCache:
     def __init__(self, directory: Directory, clock: Clock, ttl: float) -> None:
