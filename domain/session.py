@@ -26,7 +26,6 @@ back with :meth:`Session.report` (:class:`Identified`, :class:`IdentifyFailed`,
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -52,7 +51,25 @@ from domain.codec import (
     encode_error,
     op_name,
 )
-from domain.model import ChannelId, Server, ServerId, SessionId, Status, User, UserId
+from domain.effects import (
+    Authenticate,
+    Close,
+    Effect,
+    Identified,
+    IdentifyFailed,
+    Outcome,
+    Refused,
+    Removed,
+    Send,
+    SetPresence,
+    StartTyping,
+    Subscribe,
+    SubscribeConfirmed,
+    TimerFired,
+    Unsubscribe,
+)
+from domain.model import Server, ServerId, SessionId, Status, User, UserId
+from domain.rate_limit import SlidingWindow
 
 
 class State(Enum):
@@ -60,58 +77,6 @@ class State(Enum):
     IDENTIFYING = "identifying"
     READY = "ready"
     CLOSED = "closed"
-
-
-# --- effects: what the shell must do ------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Queue this frame (already encoded, ``s`` already stamped) for the client.
-    ``error`` names the ERROR code when the frame is an ERROR (for metrics)."""
-
-    text: str
-    error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Close:
-    code: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Authenticate:
-    """Verify the token, load the user, then call ``identified`` or ``identify_failed``."""
-
-    token: str
-
-
-@dataclass(frozen=True, slots=True)
-class Subscribe:
-    """Check membership, route the server's events here, then ``subscribe_confirmed``."""
-
-    server_id: ServerId
-
-
-@dataclass(frozen=True, slots=True)
-class Unsubscribe:
-    """Stop routing the server's events here (before the UNSUBSCRIBED that follows)."""
-
-    server_id: ServerId
-
-
-@dataclass(frozen=True, slots=True)
-class StartTyping:
-    channel_id: ChannelId
-
-
-@dataclass(frozen=True, slots=True)
-class SetPresence:
-    status: Status
-
-
-Effect = Send | Close | Authenticate | Subscribe | Unsubscribe | StartTyping | SetPresence
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,57 +87,6 @@ class SessionConfig:
     rate_limit_count: int = 120
     rate_limit_window: float = 60.0
     max_subscriptions: int = 200
-
-
-# --- inputs the shell reports back (outcomes of effects, timers) ---------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Identified:
-    """:class:`Authenticate` succeeded: the user, their servers and current status."""
-
-    user: User
-    servers: Sequence[Server]
-    status: Status
-
-
-@dataclass(frozen=True, slots=True)
-class IdentifyFailed:
-    code: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class SubscribeConfirmed:
-    """:class:`Subscribe` succeeded: the server's events are routed here."""
-
-    server_id: ServerId
-
-
-@dataclass(frozen=True, slots=True)
-class Refused:
-    """An effect the shell could not carry out for the client (FORBIDDEN, NOT_FOUND)."""
-
-    code: ErrorCode
-    message: str
-    op: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Removed:
-    """The session leaves a server: UNSUBSCRIBE_SERVER, or SERVER_MEMBER_REMOVE."""
-
-    server_id: ServerId
-
-
-@dataclass(frozen=True, slots=True)
-class TimerFired:
-    """The identify timer or the heartbeat sweep ran at ``now``."""
-
-    now: float
-
-
-Outcome = Identified | IdentifyFailed | SubscribeConfirmed | Refused | Removed | TimerFired
 
 
 # --- the tables ----------------------------------------------------------------------
@@ -340,25 +254,6 @@ _ERROR_TEXT = {
     ErrorCode.NOT_AUTHENTICATED: "identify first",
     ErrorCode.ALREADY_AUTHENTICATED: "this connection is already identified",
 }
-
-
-class SlidingWindow:
-    """At most ``count`` events within any span of ``window`` seconds (7a): the
-    timestamps of the last ``count`` accepted events, oldest first."""
-
-    __slots__ = ("_stamps", "count", "window")
-
-    def __init__(self, count: int, window: float) -> None:
-        self.count = count
-        self.window = window
-        self._stamps: deque[float] = deque(maxlen=count)
-
-    def admit(self, now: float) -> bool:
-        stamps = self._stamps
-        if len(stamps) == self.count and now - stamps[0] < self.window:
-            return False
-        stamps.append(now)
-        return True
 
 
 class Session:

@@ -76,7 +76,7 @@ async def serve_app(
         await stop.wait()
         gateway: Gateway | None = getattr(app.state, "gateway", None)
         if gateway is not None:
-            log.info("draining %d connections", len(gateway.connections))
+            log.info("draining %d connections", len(gateway.snapshot().connections))
             await gateway.drain()
 
     try:

@@ -441,12 +441,12 @@ class World:
         checker.presence_pass(self.now(), everyone=True)
         problems: list[str] = []
         for instance in self.instances:
-            gateway = instance.gateway
+            snapshot = instance.gateway.snapshot()
             for what, left in (
-                ("connections", len(gateway.connections)),
-                ("by_server routes", sum(map(len, gateway.by_server.values()))),
-                ("by_user routes", sum(map(len, gateway.by_user.values()))),
-                ("interest channels", len(gateway.interest.channels())),
+                ("connections", len(snapshot.connections)),
+                ("by_server routes", sum(map(len, snapshot.servers.values()))),
+                ("by_user routes", sum(map(len, snapshot.users.values()))),
+                ("interest channels", len(snapshot.interest)),
                 ("broker subscriptions", len(instance.broker.subscribed_channels)),
             ):
                 checker.checks[LEAKS] += 1

@@ -5,8 +5,7 @@ It depends on ports only; the composition root (``entrypoints.bootstrap``) or th
 simulation picks the adapters.
 """
 
-from adapters.shell.connection import Connection
-from adapters.shell.gateway import Gateway
+from adapters.shell.gateway import Gateway, GatewaySnapshot
 from adapters.shell.settings import GatewaySettings
 
-__all__ = ["Connection", "Gateway", "GatewaySettings"]
+__all__ = ["Gateway", "GatewaySettings", "GatewaySnapshot"]

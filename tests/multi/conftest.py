@@ -496,10 +496,12 @@ class Instance(Endpoint):
     async def assert_clean(self) -> None:
         """PROTOCOL 5.5 on this instance, once its clients are gone."""
         gateway = self.gateway
-        await eventually(lambda: not gateway.connections, what=f"{self.name}: connections end")
-        assert gateway.by_server == {}, gateway.by_server
-        assert gateway.by_user == {}, gateway.by_user
-        assert gateway.interest.channels() == {}, gateway.interest.channels()
+        await eventually(
+            lambda: not gateway.snapshot().connections, what=f"{self.name}: connections end"
+        )
+        assert gateway.snapshot().servers == {}, gateway.snapshot().servers
+        assert gateway.snapshot().users == {}, gateway.snapshot().users
+        assert gateway.snapshot().interest == {}, gateway.snapshot().interest
         broker = gateway.broker
         if isinstance(broker, RedisBroker):
             await eventually(
@@ -572,7 +574,8 @@ async def serve_instance(
                 task.result()
             raise AssertionError(f"{name} did not start serving")
         await eventually(
-            lambda: getattr(app.state, "gateway", None) is not None and instance.gateway.running,
+            lambda: getattr(app.state, "gateway", None) is not None
+            and instance.gateway.snapshot().running,
             what=f"{name} to run",
         )
         yield instance
