@@ -310,14 +310,9 @@ class PostgresDirectory:
     ) -> PostgresDirectory:
         """Create the directory and open its pool at once."""
         directory = cls(
-            dsn,
-            min_size=min_size,
-            max_size=max_size,
-            command_timeout=command_timeout,
-            connect_timeout=connect_timeout,
-            load_timeout=load_timeout,
-            statement_cache_size=statement_cache_size,
-            server_settings=server_settings,
+            dsn, min_size=min_size, max_size=max_size, command_timeout=command_timeout,
+            connect_timeout=connect_timeout, load_timeout=load_timeout,
+            statement_cache_size=statement_cache_size, server_settings=server_settings,
         )
         await directory.start()
         return directory
@@ -463,13 +458,8 @@ class PostgresDirectory:
             for rid, name, permissions in row["roles"]
         }
         channels = {
-            cid: Channel(
-                id=cid,
-                server_id=server_id,
-                name=name,
-                type=kind,
-                overwrites=_overwrites(overwrites),
-            )
+            cid: Channel(id=cid, server_id=server_id, name=name, type=kind,
+                         overwrites=_overwrites(overwrites))
             for cid, name, kind, overwrites in row["channels"]
         }
         return ServerContext(server=_server(row), roles=roles, channels=channels)
@@ -478,13 +468,8 @@ class PostgresDirectory:
         row = await self._fetchrow("get_channel", _GET_CHANNEL, channel_id)
         if row is None:
             return None
-        return Channel(
-            id=row["id"],
-            server_id=row["server_id"],
-            name=row["name"],
-            type=row["type"],
-            overwrites=_overwrites(row["overwrites"]),
-        )
+        return Channel(id=row["id"], server_id=row["server_id"], name=row["name"],
+                       type=row["type"], overwrites=_overwrites(row["overwrites"]))
 
     async def get_members(
         self, server_id: ServerId, user_ids: Collection[UserId]
@@ -495,9 +480,8 @@ class PostgresDirectory:
             return {}
         rows = await self._fetch("get_members", _GET_MEMBERS, server_id, list(set(user_ids)))
         return {
-            row["user_id"]: Member(
-                server_id=server_id, user_id=row["user_id"], role_ids=tuple(row["role_ids"])
-            )
+            row["user_id"]: Member(server_id=server_id, user_id=row["user_id"],
+                                   role_ids=tuple(row["role_ids"]))
             for row in rows
         }
 
@@ -518,9 +502,8 @@ class PostgresDirectory:
 
         async def op(conn: Connection, remaining: Callable[[], float]) -> None:
             async with conn.transaction():
-                await conn.execute(
-                    "SET CONSTRAINTS users_username_key DEFERRED", timeout=remaining()
-                )
+                await conn.execute("SET CONSTRAINTS users_username_key DEFERRED",
+                                   timeout=remaining())
                 for query, args in statements:
                     await conn.execute(query, *args, timeout=remaining())
 
@@ -540,18 +523,13 @@ class PostgresDirectory:
 
 
 def _user(row: asyncpg.Record) -> User:
-    return User(
-        id=row["id"],
-        username=row["username"],
-        display_name=row["display_name"],
-        avatar_url=row["avatar_url"],
-    )
+    return User(id=row["id"], username=row["username"], display_name=row["display_name"],
+                avatar_url=row["avatar_url"])
 
 
 def _server(row: asyncpg.Record) -> Server:
-    return Server(
-        id=row["id"], name=row["name"], owner_id=row["owner_id"], icon_url=row["icon_url"]
-    )
+    return Server(id=row["id"], name=row["name"], owner_id=row["owner_id"],
+                  icon_url=row["icon_url"])
 
 
 def _overwrites(records: Sequence[tuple[str, str, int, int]]) -> tuple[Overwrite, ...]:
@@ -580,34 +558,30 @@ def _load_statements(data: DirectoryData) -> list[tuple[str, tuple[list[Any], ..
     users = sorted({u.id: u for u in data.users}.values(), key=lambda u: u.id)
     servers = sorted({s.id: s for s in data.servers}.values(), key=lambda s: s.id)
     roles = sorted({r.id: r for r in data.roles}.values(), key=lambda r: r.id)
-    members = sorted(
-        {(m.server_id, m.user_id): m for m in data.members}.values(),
-        key=lambda m: (m.server_id, m.user_id),
-    )
+    members = sorted({(m.server_id, m.user_id): m for m in data.members}.values(),
+                     key=lambda m: (m.server_id, m.user_id))
     channels = sorted({c.id: c for c in data.channels}.values(), key=lambda c: c.id)
     member_roles = sorted({(m.server_id, m.user_id, rid) for m in members for rid in m.role_ids})
     overwrites = sorted(
-        {
-            (c.id, o.id, o.type): (c.id, o.id, o.type, o.allow, o.deny)
-            for c in channels
-            for o in c.overwrites
-        }.values()
+        {(c.id, o.id, o.type): (c.id, o.id, o.type, o.allow, o.deny)
+         for c in channels for o in c.overwrites}.values()
     )
 
     member_keys = _columns([(m.server_id, m.user_id) for m in members], 2)
     member_role_cols = _columns(member_roles, 3)
     overwrite_cols = _columns(overwrites, 5)
     statements: list[tuple[str, tuple[list[Any], ...]]] = [
-        (
-            _UPSERT_USERS,
-            _columns([(u.id, u.username, u.display_name, u.avatar_url) for u in users], 4),
-        ),
-        (_UPSERT_SERVERS, _columns([(s.id, s.name, s.owner_id, s.icon_url) for s in servers], 4)),
-        (_UPSERT_ROLES, _columns([(r.id, r.server_id, r.name, r.permissions) for r in roles], 4)),
+        (_UPSERT_USERS,
+         _columns([(u.id, u.username, u.display_name, u.avatar_url) for u in users], 4)),
+        (_UPSERT_SERVERS,
+         _columns([(s.id, s.name, s.owner_id, s.icon_url) for s in servers], 4)),
+        (_UPSERT_ROLES,
+         _columns([(r.id, r.server_id, r.name, r.permissions) for r in roles], 4)),
         (_INSERT_MEMBERS, member_keys),
         (_DELETE_STALE_MEMBER_ROLES, member_keys + member_role_cols),
         (_INSERT_MEMBER_ROLES, member_role_cols),
-        (_UPSERT_CHANNELS, _columns([(c.id, c.server_id, c.name, c.type) for c in channels], 4)),
+        (_UPSERT_CHANNELS,
+         _columns([(c.id, c.server_id, c.name, c.type) for c in channels], 4)),
         (_DELETE_STALE_OVERWRITES, ([c.id for c in channels], *overwrite_cols[:3])),
         (_UPSERT_OVERWRITES, overwrite_cols),
     ]

@@ -126,9 +126,7 @@ async def _migrate(conn: Connection, statement_timeout: float) -> list[int]:
                 await conn.execute(migration.sql, timeout=statement_timeout)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                    migration.version,
-                    migration.name,
-                    timeout=statement_timeout,
+                    migration.version, migration.name, timeout=statement_timeout,
                 )
             applied.append(migration.version)
         return applied
@@ -148,7 +146,6 @@ async def applied_versions(conn: Connection, *, statement_timeout: float = 10.0)
     )
     if not exists:
         return []
-    rows = await conn.fetch(
-        "SELECT version FROM schema_migrations ORDER BY version", timeout=statement_timeout
-    )
+    rows = await conn.fetch("SELECT version FROM schema_migrations ORDER BY version",
+                            timeout=statement_timeout)
     return [int(row["version"]) for row in rows]
