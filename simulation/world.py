@@ -30,7 +30,7 @@ from adapters.memory import (
     MemoryPresenceStore,
     MemoryTypingGate,
 )
-from adapters.shell import Gateway, GatewaySettings
+from adapters.shell import Backends, GatewaySettings, make_gateway
 from simulation.clients import VirtualClient
 from simulation.clock import VirtualClock
 from simulation.faults import (
@@ -142,14 +142,17 @@ class SimInstance:
         self.life = Life()
         self.broker = SimBroker(world.network, world.checker, world.loop)
         self._sessions = random.Random(f"{world.session_seed}:{self.id}")
-        self.gateway = Gateway(
+        backends = Backends(
             broker=self.broker,
             typing_gate=InstanceTypingGate(world.typing, self.life),
             presence=InstancePresence(world.presence, self.life, world.checker.presence_changed),
             directory=InstanceDirectory(world.directory, self.life),
             tokens=world.verifier,
             clock=world.clock,
-            settings=world.settings,
+        )
+        self.gateway = make_gateway(
+            backends,
+            world.settings,
             instance_id=self.id,
             new_session_id=self._new_session_id,
         )

@@ -5,7 +5,8 @@ It depends on ports only; the composition root (``entrypoints.bootstrap``) or th
 simulation picks the adapters.
 """
 
+from adapters.shell.factory import Backends, make_gateway
 from adapters.shell.gateway import Gateway, GatewaySnapshot
 from adapters.shell.settings import GatewaySettings
 
-__all__ = ["Gateway", "GatewaySettings", "GatewaySnapshot"]
+__all__ = ["Backends", "Gateway", "GatewaySettings", "GatewaySnapshot", "make_gateway"]

@@ -54,7 +54,7 @@ from adapters.clock import SystemClock
 from adapters.jwt import JwtIssuer
 from adapters.memory import MemoryDirectory
 from adapters.redis import RedisBroker, open_redis_backends
-from adapters.shell import Gateway
+from adapters.shell import Backends, Gateway, make_gateway
 from domain import keys
 from domain.fixtures import parse_directory
 from domain.model import DirectoryData
@@ -523,15 +523,10 @@ def redis_gateway_factory(
     @asynccontextmanager
     async def factory() -> AsyncIterator[Gateway]:
         async with open_redis_backends(redis_url) as (broker, typing_gate, presence):
-            yield Gateway(
-                broker=broker,
-                typing_gate=typing_gate,
-                presence=presence,
-                directory=directory,
-                tokens=make_verifier(config),
-                clock=SystemClock(),
-                settings=config.gateway,
+            backends = Backends(
+                broker, typing_gate, presence, directory, make_verifier(config), SystemClock()
             )
+            yield make_gateway(backends, config.gateway)
 
     return factory
 
