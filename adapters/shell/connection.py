@@ -65,6 +65,7 @@ class Connection:
         "_send_scope",
         "_wake",
         "close_code",
+        "closing",
         "live",
         "opened_at",
         "outbound",
@@ -93,16 +94,14 @@ class Connection:
         self.queued_bytes = 0
         self.close_code: int | None = None
         self._close: Close | None = None
+        #: Set once the gateway decided to close (read on every delivery: a plain slot).
+        self.closing = False
         # The running backend's Event class, found once (the sender makes one per wake).
         self._wake = anyio.Event()
         self._event_class = type(self._wake)
         self._send_scope: anyio.CancelScope | None = None
         self._group: anyio.abc.TaskGroup | None = None
         live.attach(self)
-
-    @property
-    def closing(self) -> bool:
-        return self._close is not None
 
     # --- the interpreter ----------------------------------------------------------
 
@@ -143,6 +142,7 @@ class Connection:
         if self._close is None:
             self.live.session.close(code, reason)
             self._close = Close(code, reason)
+            self.closing = True
             self._wake.set()
 
     def abort(self, code: int, reason: str) -> None:
@@ -150,6 +150,7 @@ class Connection:
         if self._close is None:
             self.live.session.close(code, reason)
             self._close = Close(code, reason)
+            self.closing = True
         self.outbound.clear()
         self.queued_bytes = 0
         if self._send_scope is not None:
@@ -160,6 +161,7 @@ class Connection:
         # The session already moved to CLOSED; remember why and wake the sender.
         if self._close is None:
             self._close = close
+            self.closing = True
             if close.code == CloseCode.RATE_LIMITED:
                 self._metrics.rate_limited.inc()
             self._wake.set()

@@ -39,14 +39,17 @@ Work = Effect | Announce
 class Outlet(Protocol):
     """The socket side of a session, as the rest of the shell sees it."""
 
-    @property
-    def closing(self) -> bool: ...
+    #: True once the socket side decided to close (nothing more is queued).
+    closing: bool
 
     def enqueue(self, text: str) -> None: ...
 
     def request_close(self, code: int, reason: str) -> None: ...
 
     async def perform(self, effects: Sequence[Work]) -> None: ...
+
+
+_READY = State.READY
 
 
 class LiveSession:
@@ -82,7 +85,8 @@ class LiveSession:
     def deliver(self, template: DispatchTemplate) -> bool:
         """Stamp and queue a dispatch (READY sessions with a live outlet only)."""
         outlet = self.outlet
-        if outlet is None or outlet.closing or self.session.state is not State.READY:
+        session = self.session
+        if outlet is None or outlet.closing or session.state is not _READY:
             return False
-        outlet.enqueue(self.session.stamp(template))
+        outlet.enqueue(session.stamp(template))
         return True
