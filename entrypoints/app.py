@@ -87,7 +87,7 @@ def create_app(
                 yield
             finally:
                 with anyio.CancelScope(shield=True):
-                    await gateway.drain(timeout=gateway.settings.drain_timeout)
+                    await gateway.drain()
                 group.cancel_scope.cancel()
 
     return Starlette(

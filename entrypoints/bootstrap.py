@@ -37,7 +37,7 @@ async def open_directory(config: Config) -> AsyncIterator[Directory]:
         directory = PostgresDirectory(
             config.database_url,
             max_size=config.database_pool_size,
-            command_timeout=config.gateway.backend_timeout,
+            command_timeout=config.gateway.backend_timeout_ms / 1000,
         )
         async with directory:
             yield directory

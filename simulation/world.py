@@ -91,7 +91,7 @@ class SimConfig:
         """After the clients left: two heartbeat timeouts and a sweep, for the last
         crashed sessions to be reaped and every timer to run out."""
         s = self.settings()
-        return 2 * s.session.heartbeat_timeout + s.heartbeat_sweep + 10.0
+        return 2 * s.session.heartbeat_timeout + s.heartbeat_sweep_ms / 1000 + 10.0
 
     def command(self) -> str:
         faults = ",".join(f for f in ALL_FAULTS if f in self.faults) or "none"

@@ -31,7 +31,7 @@ from adapters.shell.permissions import PermissionCache
 from adapters.shell.presence import PresenceKeeper
 from adapters.shell.publisher import BACKEND_ERRORS, Publisher
 from adapters.shell.routing import Routes
-from adapters.shell.settings import GatewaySettings
+from adapters.shell.settings import GatewaySettings, seconds
 from adapters.shell.typing_indicators import TypingIndicators
 from domain.codec import CloseCode
 from domain.model import InstanceId, ServerId, SessionId, UserId
@@ -93,12 +93,13 @@ class Gateway:
         self.metrics = metrics or Metrics()
         self.instance_id = instance_id or uuid.uuid4().hex
         self._new_session_id = new_session_id or (lambda: str(uuid.uuid4()))
-        self._limits = SocketLimits(s.outbound_max_frames, s.outbound_max_bytes, s.close_timeout)
+        close_timeout, timeout = seconds(s.close_timeout_ms), seconds(s.backend_timeout_ms)
+        self._limits = SocketLimits(s.outbound_max_frames, s.outbound_max_bytes, close_timeout)
         self.running = False
-        permissions = PermissionCache(directory, clock, s.permission_cache_ttl)
-        self.publisher = Publisher(broker, self.metrics, s.backend_timeout)
+        permissions = PermissionCache(directory, clock, seconds(s.permission_cache_ttl_ms))
+        self.publisher = Publisher(broker, self.metrics, timeout)
         self.routes = Routes(broker)
-        self.fanout = FanOut(self.routes, permissions, self.metrics, s.backend_timeout)
+        self.fanout = FanOut(self.routes, permissions, self.metrics, timeout)
         self.keeper = PresenceKeeper(
             store=presence,
             directory=directory,
@@ -117,7 +118,7 @@ class Gateway:
             publisher=self.publisher,
             clock=clock,
             ttl_ms=s.typing_ttl_ms,
-            backend_timeout=s.backend_timeout,
+            backend_timeout=timeout,
             metrics=self.metrics,
         )
         self.handlers = Handlers(
@@ -180,11 +181,13 @@ class Gateway:
 
     async def drain(self, timeout: float | None = None) -> None:
         """Graceful shutdown of this instance (see :mod:`adapters.shell.drain`)."""
-        await self.admission.drain(self.settings.drain_timeout if timeout is None else timeout)
+        await self.admission.drain(
+            seconds(self.settings.drain_timeout_ms) if timeout is None else timeout
+        )
 
     async def _sweep_loop(self) -> None:
         while True:
-            await anyio.sleep(self.settings.heartbeat_sweep)
+            await anyio.sleep(seconds(self.settings.heartbeat_sweep_ms))
             await self.sweep()
 
     async def sweep(self) -> None:
@@ -205,7 +208,7 @@ class Gateway:
         if session.state is not State.CLOSED:
             session.close(conn.close_code or CloseCode.GOING_AWAY, "gone")
         try:
-            with anyio.move_on_after(self.settings.backend_timeout * 2):
+            with anyio.move_on_after(2 * seconds(self.settings.backend_timeout_ms)):
                 for server_id in list(session.subscriptions):
                     await self.routes.unroute_now(live, server_id)
                 # The user is routed (and may hold a presence session) before READY sets

@@ -22,7 +22,7 @@ from adapters.shell.permissions import PermissionCache
 from adapters.shell.presence import PresenceKeeper
 from adapters.shell.publisher import BACKEND_ERRORS
 from adapters.shell.routing import Routes
-from adapters.shell.settings import GatewaySettings
+from adapters.shell.settings import GatewaySettings, seconds
 from adapters.shell.typing_indicators import TypingIndicators
 from domain.codec import CloseCode, ErrorCode
 from domain.effects import (
@@ -75,7 +75,7 @@ class Handlers:
         self._metrics = metrics
         self._routes = routes
         self._permissions = permissions
-        self._timeout = settings.backend_timeout
+        self._timeout = seconds(settings.backend_timeout_ms)
         self.table: dict[type, Handler] = dict(
             [
                 _entry(Authenticate, self.identify),

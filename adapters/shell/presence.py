@@ -19,7 +19,7 @@ import anyio.lowlevel
 from adapters.shell.live import Announce, LiveSession, Work
 from adapters.shell.metrics import Metrics
 from adapters.shell.publisher import BACKEND_ERRORS, Publisher
-from adapters.shell.settings import GatewaySettings
+from adapters.shell.settings import GatewaySettings, seconds
 from domain.codec import CloseCode
 from domain.effects import SetPresence
 from domain.model import InstanceId, PresenceChange, Server, SessionId, Status, UserId
@@ -51,7 +51,7 @@ class PresenceKeeper:
         self._clock = clock
         self._sessions = sessions
         self._draining = draining
-        self._timeout = settings.backend_timeout
+        self._timeout = seconds(settings.backend_timeout_ms)
         self._pending_closes: list[tuple[UserId, SessionId, tuple[Server, ...]]] = []
         self._pending_broadcasts: list[PresenceChange] = []
 

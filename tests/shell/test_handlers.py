@@ -145,7 +145,7 @@ def test_identify_deadline_closes_4003_after_five_virtual_seconds() -> None:
 
 
 def test_heartbeat_sweep_closes_4009() -> None:
-    settings = GatewaySettings(heartbeat_sweep=10.0)
+    settings = GatewaySettings(heartbeat_sweep_ms=10_000)
 
     async def test(world: World) -> None:
         started = anyio.current_time()
