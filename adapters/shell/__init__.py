@@ -6,7 +6,8 @@ simulation picks the adapters.
 """
 
 from adapters.shell.factory import Backends, make_gateway
-from adapters.shell.gateway import Gateway, GatewaySnapshot
+from adapters.shell.gateway import Gateway
 from adapters.shell.settings import GatewaySettings
+from adapters.shell.snapshot import GatewaySnapshot
 
 __all__ = ["Backends", "Gateway", "GatewaySettings", "GatewaySnapshot", "make_gateway"]

@@ -12,6 +12,12 @@ Fan-out never awaits a socket: it stamps the session's next ``s`` into a frame
 encoded once per event and appends it to the queue (:meth:`Connection.enqueue`). A
 queue over its frame or byte bound means a slow consumer: the queue is dropped and
 the connection is closed with 4010, without ever stalling the broadcast.
+
+Every close has a deadline (PROTOCOL section 6): from the moment the gateway decides
+to close, the frames still queued, the close frame and the peer's answer must all
+fit in ``close_timeout``; when it passes the transport is aborted, whatever the peer
+does. Meanwhile the reader keeps reading and discarding, so a peer that keeps
+sending cannot wedge the server's read side, and the peer's own close ends it early.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class Connection:
     __slots__ = (
         "_clock",
         "_close",
+        "_close_deadline",
         "_event_class",
         "_group",
         "_host",
@@ -94,6 +101,8 @@ class Connection:
         self.queued_bytes = 0
         self.close_code: int | None = None
         self._close: Close | None = None
+        #: anyio time by which the transport must be gone once ``_close`` is set.
+        self._close_deadline = 0.0
         #: Set once the gateway decided to close (read on every delivery: a plain slot).
         self.closing = False
         # The running backend's Event class, found once (the sender makes one per wake).
@@ -141,16 +150,14 @@ class Connection:
         """Close after the frames already queued have been sent."""
         if self._close is None:
             self.live.session.close(code, reason)
-            self._close = Close(code, reason)
-            self.closing = True
+            self._decided(Close(code, reason))
             self._wake.set()
 
     def abort(self, code: int, reason: str) -> None:
         """Close now, dropping whatever is queued (slow consumer)."""
         if self._close is None:
             self.live.session.close(code, reason)
-            self._close = Close(code, reason)
-            self.closing = True
+            self._decided(Close(code, reason))
         self.outbound.clear()
         self.queued_bytes = 0
         if self._send_scope is not None:
@@ -160,14 +167,29 @@ class Connection:
     def _closed_by_session(self, close: Close) -> None:
         # The session already moved to CLOSED; remember why and wake the sender.
         if self._close is None:
-            self._close = close
-            self.closing = True
+            self._decided(close)
             if close.code == CloseCode.RATE_LIMITED:
                 self._metrics.rate_limited.inc()
             self._wake.set()
 
+    @property
+    def close_side(self) -> str:
+        """Who started the close: ``server`` once the gateway decided, else ``client``."""
+        return "server" if self._close is not None else "client"
+
+    def _decided(self, close: Close) -> None:
+        """The gateway decided to close: start the close deadline."""
+        self._close = close
+        self.closing = True
+        self.close_code = close.code
+        self._close_deadline = anyio.current_time() + self._limits.close_timeout
+        if self._send_scope is not None:
+            self._send_scope.deadline = self._close_deadline
+
     async def _sender(self) -> None:
         with anyio.CancelScope() as self._send_scope:
+            if self._close is not None:
+                self._send_scope.deadline = self._close_deadline
             try:
                 await self._pump()
             except (TransportClosed, OSError):
@@ -177,12 +199,13 @@ class Connection:
                 return
         close = self._close
         if close is not None:
-            self.close_code = close.code
-            with (
-                anyio.move_on_after(self._limits.close_timeout),
-                contextlib.suppress(TransportClosed, OSError, RuntimeError),
-            ):
-                await self.transport.close(close.code, close.reason)
+            with anyio.CancelScope(deadline=self._close_deadline):
+                with contextlib.suppress(TransportClosed, OSError, RuntimeError):
+                    await self.transport.close(close.code, close.reason)
+                # The reader ends the connection when the peer answers the close.
+                await anyio.sleep_forever()
+            # The deadline passed: the peer did not answer, or could not be written to.
+            self.transport.abort()
         if self._group is not None:
             self._group.cancel_scope.cancel()
 
@@ -214,8 +237,8 @@ class Connection:
                 try:
                     await self._read()
                 except TransportClosed as closed:
-                    if self.close_code is None:
-                        self.close_code = closed.code
+                    if self._close is None:  # the client's close: record its code
+                        self.close_code = 1006 if closed.code is None else closed.code
                     group.cancel_scope.cancel()
         finally:
             self._group = None
@@ -242,8 +265,12 @@ class Connection:
             effects = session.receive(raw, clock.monotonic())
             hot.frames_in[session.last_op or "none"] += 1
             await self.perform(effects)
-        # Closed by us: the sender finishes the close handshake and ends the group.
-        await anyio.sleep_forever()
+        # Closed by us: the sender finishes the close handshake. Keep reading (and
+        # discarding) until the peer's close or the end of the transport.
+        receive = self.transport.receive
+        while True:
+            with contextlib.suppress(MessageTooBig):
+                await receive()
 
     async def _receive_one(self) -> str | bytes | None:
         try:

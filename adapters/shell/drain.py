@@ -25,6 +25,8 @@ class Drain:
         self.draining = False
         self._idle = anyio.Event()
         self._idle.set()
+        #: Set once the (single) drain of this instance has finished.
+        self._drained: anyio.Event | None = None
 
     def admit(self, conn: Connection) -> None:
         """Register a new connection, or queue its refusal (it still gets HELLO)."""
@@ -43,6 +45,18 @@ class Drain:
             self._idle.set()
 
     async def drain(self, timeout: float) -> None:
+        """Runs once per instance (serve.py and the lifespan both ask): a second call
+        waits for the first to finish."""
+        if self._drained is not None:
+            await self._drained.wait()
+            return
+        self._drained = anyio.Event()
+        try:
+            await self._drain(timeout)
+        finally:
+            self._drained.set()
+
+    async def _drain(self, timeout: float) -> None:
         self.draining = True
         await self._presence.expire_soon()
         for conn in list(self.connections):

@@ -16,7 +16,6 @@ import logging
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import anyio
 from anyio.abc import TaskStatus
@@ -32,9 +31,10 @@ from adapters.shell.presence import PresenceKeeper
 from adapters.shell.publisher import BACKEND_ERRORS, Publisher
 from adapters.shell.routing import Routes
 from adapters.shell.settings import GatewaySettings, seconds
+from adapters.shell.snapshot import GatewaySnapshot
 from adapters.shell.typing_indicators import TypingIndicators
 from domain.codec import CloseCode
-from domain.model import InstanceId, ServerId, SessionId, UserId
+from domain.model import InstanceId, SessionId
 from domain.ports import (
     Broker,
     Clock,
@@ -47,25 +47,6 @@ from domain.ports import (
 from domain.session import Session, State
 
 log = logging.getLogger("gateway")
-
-
-@dataclass(frozen=True, slots=True)
-class GatewaySnapshot:
-    """What an instance holds right now, for ``/metrics``, ``/readyz``, the simulation
-    and tests (nothing reads the gateway's internals)."""
-
-    running: bool
-    draining: bool
-    broker_healthy: bool
-    #: Session ids of the open connections, and of those the gateway decided to close.
-    connections: frozenset[SessionId]
-    closing: frozenset[SessionId]
-    states: dict[State, int]
-    outbound_queued: int
-    #: Routing indexes (server or user -> session ids) and broker interest refcounts.
-    servers: dict[ServerId, frozenset[SessionId]]
-    users: dict[UserId, frozenset[SessionId]]
-    interest: dict[str, int]
 
 
 class Gateway:
@@ -220,13 +201,14 @@ class Gateway:
         finally:
             live.detach()
             self.admission.left(conn)
-            self.metrics.closes.labels(str(conn.close_code)).inc()
+            self.metrics.closes.labels(str(conn.close_code), conn.close_side).inc()
             log.info(
                 "connection closed",
                 extra={
                     "session_id": session.session_id,
                     "user_id": session.user_id,
                     "close_code": conn.close_code,
+                    "close_side": conn.close_side,
                     "duration_s": round(self.clock.monotonic() - conn.opened_at, 3),
                 },
             )

@@ -68,6 +68,10 @@ class FakeTransport:
     async def close(self, code: int, reason: str = "") -> None:
         self.close_code = code
         self.closed.set()
+        self._in_send.send_nowait(None)  # the client answers the close at once
+
+    def abort(self) -> None:
+        self.closed.set()
 
     # --- the client's side ------------------------------------------------------
 
