@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 import anyio
 from anyio.abc import TaskStatus
@@ -24,7 +24,7 @@ from adapters.shell.connection import Connection, SocketLimits
 from adapters.shell.drain import Drain
 from adapters.shell.fanout import FanOut
 from adapters.shell.handlers import Handlers
-from adapters.shell.live import LiveSession, Work
+from adapters.shell.live import LiveSession
 from adapters.shell.metrics import Metrics
 from adapters.shell.permissions import PermissionCache
 from adapters.shell.presence import PresenceKeeper
@@ -112,6 +112,7 @@ class Gateway:
             permissions=permissions,
             presence=self.keeper,
             typing=typing,
+            on_closed=self.closed,
         )
         # The in-process publishing API (PROTOCOL section 8).
         self.publish_to_server = self.publisher.publish_to_server
@@ -149,7 +150,7 @@ class Gateway:
         conn = Connection(
             transport,
             LiveSession(session),
-            self,
+            self.handlers,
             limits=self._limits,
             metrics=self.metrics,
             clock=self.clock,
@@ -177,10 +178,7 @@ class Gateway:
         for conn in list(self.admission.connections):
             await conn.perform(conn.live.session.check_timers(now))
 
-    # --- the connection's host (adapters.shell.connection.SessionHost) ------------
-
-    async def handle(self, live: LiveSession, effect: Work) -> Sequence[Work]:
-        return await self.handlers.handle(live, effect)
+    # --- connection lifecycle ----------------------------------------------------
 
     async def closed(self, conn: Connection) -> None:
         """Release everything a connection's session held (shielded by the caller)."""

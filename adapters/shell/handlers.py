@@ -1,6 +1,7 @@
 """The shell's handlers: one per effect that needs the world.
 
-A handler takes the live session and the effect, does its I/O, and returns the
+:class:`Handlers` is the host of every connection (``SessionHost``). A handler
+takes the live session and the effect, does its I/O, and returns the
 session's answer as effects (``session.report(...)`` or ``session.refuse(...)``),
 which the connection's interpreter runs next. :data:`Handlers.table` is the whole
 map from effect to handler; identify and subscribe live here, typing and presence in
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 
 import anyio
 
+from adapters.shell.connection import Connection
 from adapters.shell.live import Announce, LiveSession, Work
 from adapters.shell.metrics import Metrics
 from adapters.shell.permissions import PermissionCache
@@ -67,7 +69,9 @@ class Handlers:
         permissions: PermissionCache,
         presence: PresenceKeeper,
         typing: TypingIndicators,
+        on_closed: Callable[[Connection], Awaitable[None]],
     ) -> None:
+        self._on_closed = on_closed
         self._tokens = tokens
         self._directory = directory
         self._clock = clock
@@ -88,8 +92,13 @@ class Handlers:
         )
         self._presence = presence
 
+    # --- adapters.shell.connection.SessionHost -------------------------------------
+
     async def handle(self, live: LiveSession, effect: Work) -> Sequence[Work]:
         return await self.table[type(effect)](live, effect)
+
+    async def closed(self, conn: Connection) -> None:
+        await self._on_closed(conn)
 
     async def identify(self, live: LiveSession, effect: Authenticate) -> Sequence[Work]:
         session = live.session
