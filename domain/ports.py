@@ -7,7 +7,7 @@ Every adapter of a port passes the same contract tests (``tests/contract``).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Protocol
 
 from domain.model import (
@@ -163,6 +163,10 @@ class Transport(Protocol):
         ...
 
     async def send(self, text: str) -> None: ...
+
+    async def send_many(self, texts: Sequence[str]) -> None:
+        """Send these frames in order, as one write where the transport can."""
+        ...
 
     async def close(self, code: int, reason: str = "") -> None:
         """Send the close frame (the peer's answer arrives through ``receive``)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Sequence
 from typing import Protocol
 
 from domain.ports import TransportClosed
@@ -94,6 +95,10 @@ class MemoryTransport:
         finally:
             self._blocked = None
         raise TransportClosed(self._gone_code)
+
+    async def send_many(self, texts: Sequence[str]) -> None:
+        for text in texts:  # frame by frame: a non-reader blocks mid-batch, as TCP does
+            await self.send(text)
 
     async def close(self, code: int, reason: str = "") -> None:
         if self._client_gone or self._server_closed:

@@ -38,6 +38,9 @@ from domain.effects import Close, Send
 from domain.ports import Clock, MessageTooBig, Transport, TransportClosed
 from domain.session import State
 
+#: At most this many frames in one write to the transport.
+MAX_BATCH_FRAMES = 256
+
 
 class SessionHost(Protocol):
     """What a connection needs from the instance that serves it."""
@@ -212,15 +215,22 @@ class Connection:
     async def _pump(self) -> None:
         outbound = self.outbound
         hot = self._metrics.hot
-        send = self.transport.send
+        send_many = self.transport.send_many
         new_event = self._event_class
         while True:
             while outbound:
-                text = outbound.popleft()
-                self.queued_bytes -= len(text)
-                await send(text)
-                hot.frames_out += 1
-                hot.bytes_out += len(text)
+                # Everything queued goes out in one write (bounded, so that a batch in
+                # flight never holds more than MAX_BATCH_FRAMES beside the queue).
+                if len(outbound) <= MAX_BATCH_FRAMES:
+                    batch = list(outbound)
+                    outbound.clear()
+                else:
+                    batch = [outbound.popleft() for _ in range(MAX_BATCH_FRAMES)]
+                size = sum(map(len, batch))
+                self.queued_bytes -= size
+                await send_many(batch)
+                hot.frames_out += len(batch)
+                hot.bytes_out += size
             if self._close is not None:
                 return
             self._wake = new_event()

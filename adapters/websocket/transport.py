@@ -11,22 +11,28 @@ server without it, abort does nothing and the server's own timeouts apply.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from starlette.websockets import WebSocket, WebSocketState
 
 from domain.ports import MessageTooBig, TransportClosed
 
-#: The scope extension under which the server offers an abort callable.
+#: The scope extensions under which the server offers an abort callable and a
+#: batched send (``async (texts) -> None``, one write for all of them).
 ABORT_EXTENSION = "gateway.abort"
+SEND_TEXTS_EXTENSION = "gateway.send_texts"
 
 
 class StarletteTransport:
-    __slots__ = ("_max", "_ws")
+    __slots__ = ("_max", "_send_texts", "_ws")
 
     def __init__(self, websocket: WebSocket, max_payload_bytes: int) -> None:
         self._ws = websocket
         self._max = max_payload_bytes
+        extensions = websocket.scope.get("extensions") or {}
+        self._send_texts: Callable[[Sequence[str]], Awaitable[None]] | None = extensions.get(
+            SEND_TEXTS_EXTENSION
+        )
 
     async def receive(self) -> str | bytes:
         try:
@@ -57,6 +63,18 @@ class StarletteTransport:
             raise TransportClosed(None)
         try:
             await self._ws.send({"type": "websocket.send", "text": text})
+        except (RuntimeError, OSError) as exc:
+            raise TransportClosed(None) from exc
+
+    async def send_many(self, texts: Sequence[str]) -> None:
+        """One write for the whole batch through the server's ``gateway.send_texts``
+        extension (``entrypoints.hypercorn_compat``); frame by frame without it."""
+        if self._send_texts is None:
+            for text in texts:
+                await self.send(text)
+            return
+        try:
+            await self._send_texts(texts)
         except (RuntimeError, OSError) as exc:
             raise TransportClosed(None) from exc
 

@@ -171,3 +171,4 @@ async def test_the_limit_is_configurable(harness: GatewayServer) -> None:
     await client.expect("HEARTBEAT_ACK")
     await client.send_raw(heartbeat_of_bytes(1025, "\u00e9"))
     await client.expect_close(1009)
+

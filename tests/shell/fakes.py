@@ -6,7 +6,7 @@ something else happen."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -64,6 +64,10 @@ class FakeTransport:
     async def send(self, text: str) -> None:
         await self._reading.wait()  # a client that stopped reading blocks the sender
         self._out_send.send_nowait(json.loads(text))
+
+    async def send_many(self, texts: Sequence[str]) -> None:
+        for text in texts:
+            await self.send(text)
 
     async def close(self, code: int, reason: str = "") -> None:
         self.close_code = code
