@@ -18,6 +18,7 @@ from adapters.websocket import StarletteTransport
 from domain.session import State
 from entrypoints.bootstrap import build_gateway
 from entrypoints.config import Config
+from entrypoints.http_api import publish_route
 
 GatewayFactory = Callable[[], AbstractAsyncContextManager[Gateway]]
 
@@ -100,6 +101,7 @@ def create_app(
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
+            publish_route(cfg),
         ],
         lifespan=lifespan,
     )
