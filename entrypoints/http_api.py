@@ -78,7 +78,7 @@ class PublishEndpoint:
         self._key = api_key.encode("utf-8") if api_key else None
         self._max = max_body_bytes
 
-    async def __call__(self, request: Request) -> Response:
+    async def handle(self, request: Request) -> Response:
         if self._key is None:
             return _error(404, "the HTTP publish API is off: set GATEWAY_API_KEY")
         if not _authorized(request, self._key):
@@ -125,4 +125,4 @@ def publish_route(config: Config) -> Route:
             "GATEWAY_API_KEY is not set: POST /api/publish accepts the DEVELOPMENT key "
             "(see README; `gateway publish` uses it). Never run it like this in production."
         )
-    return Route("/api/publish", PublishEndpoint(key), methods=["POST"])
+    return Route("/api/publish", PublishEndpoint(key).handle, methods=["POST"])
