@@ -15,8 +15,9 @@ per line::
 from __future__ import annotations
 
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, TextIO
 
 import anyio
@@ -162,6 +163,40 @@ class Terminal:
         return True
 
 
+async def input_lines(source: TextIO) -> AsyncIterator[str]:
+    """Lines of ``source`` without a thread blocked in ``readline`` (which would keep
+    the process alive after a fatal error until the user pressed Enter): the file
+    descriptor is awaited readable, then read. Regular files, which cannot be awaited,
+    and sources without a descriptor are read in a worker thread."""
+    try:
+        fd: int | None = source.fileno()
+    except (OSError, ValueError, AttributeError):
+        fd = None
+    if fd is None or sys.platform == "win32":
+        while text := await anyio.to_thread.run_sync(source.readline, abandon_on_cancel=True):
+            yield text
+        return
+    buffer = b""
+    pollable = True
+    while True:
+        if pollable:
+            try:
+                await anyio.wait_readable(fd)
+            except OSError:  # a regular file (or /dev/null): reads never block
+                pollable = False
+        chunk = (
+            os.read(fd, 65536) if pollable else await anyio.to_thread.run_sync(os.read, fd, 65536)
+        )
+        if not chunk:
+            if buffer:
+                yield buffer.decode("utf-8", "replace")
+            return
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            yield line.decode("utf-8", "replace") + "\n"
+
+
 async def run_terminal(
     url: str | Sequence[str],
     token: TokenSource,
@@ -182,11 +217,14 @@ async def run_terminal(
     ):
 
         async def read_commands() -> None:
-            while True:
-                line = await anyio.to_thread.run_sync(source.readline, abandon_on_cancel=True)
-                if not line or not await terminal.command(client, line):
-                    await client.aclose()
-                    return
+            try:
+                await client.wait_connected()  # commands apply to a READY session
+            except ClientError:
+                return  # reported by the event loop below
+            async for line in input_lines(source):
+                if not await terminal.command(client, line):
+                    break
+            await client.aclose()  # quit, or end of input
 
         group.start_soon(read_commands)
         try:
