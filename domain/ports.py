@@ -164,7 +164,13 @@ class Transport(Protocol):
 
     async def send(self, text: str) -> None: ...
 
-    async def close(self, code: int, reason: str = "") -> None: ...
+    async def close(self, code: int, reason: str = "") -> None:
+        """Send the close frame (the peer's answer arrives through ``receive``)."""
+        ...
+
+    def abort(self) -> None:
+        """Drop the connection now, whatever is unsent (a close deadline passed)."""
+        ...
 
 
 class TransportClosed(Exception):

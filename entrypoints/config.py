@@ -108,6 +108,7 @@ class Config:
             backend_timeout=_int(env, "GATEWAY_BACKEND_TIMEOUT_MS", 5_000, 1) / ms,
             presence_grace_ms=_int(env, "GATEWAY_PRESENCE_GRACE_MS", 15_000, 1),
             drain_timeout=_int(env, "GATEWAY_DRAIN_TIMEOUT_MS", 10_000, 0) / ms,
+            close_timeout=_int(env, "GATEWAY_CLOSE_TIMEOUT_MS", 2_000, 1) / ms,
         )
         algorithms = tuple(
             a.strip() for a in env.get("GATEWAY_JWT_ALGORITHMS", "HS256").split(",") if a.strip()

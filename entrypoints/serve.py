@@ -63,7 +63,7 @@ async def serve_app(
     on_started: Callable[[], None] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set), draining the gateway first."""
-    hypercorn_compat.apply()
+    hypercorn_compat.apply(close_timeout_s=config.gateway.close_timeout)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     if install_signal_handlers:

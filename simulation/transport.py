@@ -103,6 +103,16 @@ class MemoryTransport:
         self._wake()
         self._peer.on_server_close(code)
 
+    def abort(self) -> None:
+        """The server drops the connection without a close frame (a close deadline
+        passed): the client sees 1006."""
+        if self._client_gone or self._server_closed:
+            return
+        self._server_closed = True
+        self._gone_code = ABNORMAL
+        self._wake()
+        self._peer.on_server_close(ABNORMAL)
+
     # --- client side ----------------------------------------------------------
 
     def client_send(self, text: str) -> None:

@@ -5,6 +5,12 @@ Fan-out never awaits a socket: it stamps the connection's next ``s`` into a fram
 encoded once per event and appends it to the queue (:meth:`Connection.deliver`). A
 queue over its frame or byte bound means a slow consumer: the queue is dropped and
 the connection is closed with 4010, without ever stalling the broadcast.
+
+Every close has a deadline (PROTOCOL section 6): from the moment the gateway decides
+to close, the frames still queued, the close frame and the peer's answer must all
+fit in ``close_timeout``; when it passes the transport is aborted, whatever the peer
+does. Meanwhile the reader keeps reading and discarding, so a peer that keeps
+sending cannot wedge the server's read side, and the peer's own close ends it early.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ if TYPE_CHECKING:
 class Connection:
     __slots__ = (
         "_close",
+        "_close_deadline",
         "_group",
         "_send_scope",
         "_wake",
@@ -69,6 +76,8 @@ class Connection:
         self.queued_bytes = 0
         self.close_code: int | None = None
         self._close: Close | None = None
+        #: anyio time by which the transport must be gone once ``_close`` is set.
+        self._close_deadline = 0.0
         self._wake = gateway.new_event()
         self._send_scope: anyio.CancelScope | None = None
         self._group: anyio.abc.TaskGroup | None = None
@@ -80,6 +89,11 @@ class Connection:
     @property
     def closing(self) -> bool:
         return self._close is not None
+
+    @property
+    def close_side(self) -> str:
+        """Who started the close: ``server`` once the gateway decided, else ``client``."""
+        return "server" if self._close is not None else "client"
 
     # --- outbound -----------------------------------------------------------------
 
@@ -108,22 +122,32 @@ class Connection:
         """Close after the frames already queued have been sent."""
         if self._close is None:
             self.session.close(code, reason)
-            self._close = Close(code, reason)
+            self._decided(Close(code, reason))
             self._wake.set()
 
     def abort(self, code: int, reason: str) -> None:
         """Close now, dropping whatever is queued (slow consumer)."""
         if self._close is None:
             self.session.close(code, reason)
-            self._close = Close(code, reason)
+            self._decided(Close(code, reason))
         self.outbound.clear()
         self.queued_bytes = 0
         if self._send_scope is not None:
             self._send_scope.cancel()
         self._wake.set()
 
+    def _decided(self, close: Close) -> None:
+        """The gateway decided to close: start the close deadline."""
+        self._close = close
+        self.close_code = close.code
+        self._close_deadline = anyio.current_time() + self.gateway.settings.close_timeout
+        if self._send_scope is not None:
+            self._send_scope.deadline = self._close_deadline
+
     async def _sender(self) -> None:
         with anyio.CancelScope() as self._send_scope:
+            if self._close is not None:
+                self._send_scope.deadline = self._close_deadline
             try:
                 await self._pump()
             except (TransportClosed, OSError):
@@ -133,12 +157,13 @@ class Connection:
                 return
         close = self._close
         if close is not None:
-            self.close_code = close.code
-            with (
-                anyio.move_on_after(self.gateway.settings.close_timeout),
-                contextlib.suppress(TransportClosed, OSError, RuntimeError),
-            ):
-                await self.transport.close(close.code, close.reason)
+            with anyio.CancelScope(deadline=self._close_deadline):
+                with contextlib.suppress(TransportClosed, OSError, RuntimeError):
+                    await self.transport.close(close.code, close.reason)
+                # The reader ends the connection when the peer answers the close.
+                await anyio.sleep_forever()
+            # The deadline passed: the peer did not answer, or could not be written to.
+            self.transport.abort()
         if self._group is not None:
             self._group.cancel_scope.cancel()
 
@@ -169,8 +194,8 @@ class Connection:
                 try:
                     await self._read()
                 except TransportClosed as closed:
-                    if self.close_code is None:
-                        self.close_code = closed.code
+                    if self._close is None:  # the client's close: record its code
+                        self.close_code = 1006 if closed.code is None else closed.code
                     group.cancel_scope.cancel()
         finally:
             self._group = None
@@ -197,8 +222,12 @@ class Connection:
             effects = session.receive(raw, clock.monotonic())
             hot.frames_in[session.last_op or "none"] += 1
             await self.apply(effects)
-        # Closed by us: the sender finishes the close handshake and ends the group.
-        await anyio.sleep_forever()
+        # Closed by us: the sender finishes the close handshake. Keep reading (and
+        # discarding) until the peer's close or the end of the transport.
+        receive = self.transport.receive
+        while True:
+            with contextlib.suppress(MessageTooBig):
+                await receive()
 
     async def _receive_one(self) -> str | bytes | None:
         try:
@@ -240,7 +269,7 @@ class Connection:
     def _close_from_session(self, close: Close) -> None:
         # The session already moved to CLOSED; remember why and wake the sender.
         if self._close is None:
-            self._close = close
+            self._decided(close)
             if close.code == CloseCode.RATE_LIMITED:
                 self.gateway.metrics.rate_limited.inc()
             self._wake.set()

@@ -106,6 +106,8 @@ class Gateway:
         self._pending_broadcasts: list[PresenceChange] = []
         self._idle = anyio.Event()
         self._idle.set()
+        #: Set once the (single) drain of this instance has finished.
+        self._drained: anyio.Event | None = None
         self._tasks: anyio.abc.TaskGroup | None = None
         self._event_class: type[anyio.Event] | None = None
 
@@ -161,6 +163,16 @@ class Gateway:
         client to RECONNECT, close with 1001, and wait (bounded) for them to go.
         Presence sessions are left to expire after a short grace so that users who
         reconnect to another instance never flap offline."""
+        if self._drained is not None:  # a drain is under way or done: wait for it
+            await self._drained.wait()
+            return
+        self._drained = anyio.Event()
+        try:
+            await self._drain(timeout)
+        finally:
+            self._drained.set()
+
+    async def _drain(self, timeout: float | None) -> None:
         self.draining = True
         try:
             await self.presence.keep_alive(self.instance_id, self.settings.presence_grace_ms)
@@ -593,13 +605,14 @@ class Gateway:
                         await self._presence_changed(change, conn.servers)
         finally:
             self.connections.discard(conn)
-            self.metrics.closes.labels(str(conn.close_code)).inc()
+            self.metrics.closes.labels(str(conn.close_code), conn.close_side).inc()
             log.info(
                 "connection closed",
                 extra={
                     "session_id": session.session_id,
                     "user_id": session.user_id,
                     "close_code": conn.close_code,
+                    "close_side": conn.close_side,
                     "duration_s": round(self.clock.monotonic() - conn.opened_at, 3),
                 },
             )

@@ -54,7 +54,11 @@ class Metrics:
             "gateway_connections_opened", "Connections accepted", registry=r
         )
         self.closes = Counter(
-            "gateway_closes", "Connections closed, by close code", ["code"], registry=r
+            "gateway_closes",
+            "Connections closed, by close code and by the side that started the close"
+            " (the client's own code for a client close; 1006: TCP ended without one)",
+            ["code", "side"],
+            registry=r,
         )
         self.errors = Counter("gateway_errors", "ERROR frames sent, by code", ["code"], registry=r)
         self.rate_limited = Counter(

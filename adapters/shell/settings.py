@@ -23,7 +23,8 @@ class GatewaySettings:
     permission_cache_ttl: float = 30.0
     #: Bound on any one backend call made for a client.
     backend_timeout: float = 5.0
-    #: How long a close handshake may take before the socket is abandoned.
+    #: From the decision to close, how long the queued frames, the close frame and the
+    #: peer's answer may take before the transport is aborted (PROTOCOL section 6).
     close_timeout: float = 2.0
     #: On drain, sessions of this instance stay in the presence registry this long, so
     #: users who reconnect elsewhere do not flap offline (PROTOCOL 7: presence grace).

@@ -3,13 +3,22 @@
 The server (Hypercorn) assembles fragmented messages and enforces its own limit in
 characters; here the assembled message is checked in UTF-8 bytes against
 ``GATEWAY_MAX_PAYLOAD_BYTES`` (PROTOCOL section 1), binary frames included.
+
+:meth:`StarletteTransport.abort` uses the ASGI scope extension ``"gateway.abort"``
+that our Hypercorn adjustment provides (``entrypoints.hypercorn_compat``); under a
+server without it, abort does nothing and the server's own timeouts apply.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from starlette.websockets import WebSocket, WebSocketState
 
 from domain.ports import MessageTooBig, TransportClosed
+
+#: The scope extension under which the server offers an abort callable.
+ABORT_EXTENSION = "gateway.abort"
 
 
 class StarletteTransport:
@@ -58,3 +67,9 @@ class StarletteTransport:
             await self._ws.send({"type": "websocket.close", "code": code, "reason": reason})
         except (RuntimeError, OSError) as exc:
             raise TransportClosed(None) from exc
+
+    def abort(self) -> None:
+        extensions = self._ws.scope.get("extensions") or {}
+        abort: Callable[[], None] | None = extensions.get(ABORT_EXTENSION)
+        if abort is not None:
+            abort()

@@ -101,3 +101,26 @@ async def test_live_fuzzing_leaves_the_gateway_serving(harness: GatewayServer) -
     assert event["d"] == 1
     fresh = await harness.login("u1")
     await fresh.heartbeat()
+
+
+async def test_drain_runs_once_however_often_it_is_asked(harness: GatewayServer) -> None:
+    """SIGTERM drains from serve.py and the lifespan drains again on the way out:
+    one drain, one RECONNECT per client, one shortening of the presence liveness."""
+    import asyncio
+
+    gateway = harness.gateway
+    harness.check_leaks = False  # a drain leaves presence to its grace on purpose
+    calls: list[int] = []
+    keep_alive = gateway.presence.keep_alive
+
+    async def counting_keep_alive(instance_id: str, ttl_ms: int) -> bool:
+        calls.append(ttl_ms)
+        return await keep_alive(instance_id, ttl_ms)
+
+    gateway.presence.keep_alive = counting_keep_alive  # type: ignore[method-assign]
+    client = await harness.login("u1")
+    await asyncio.gather(gateway.drain(), gateway.drain())
+    await gateway.drain()  # after the fact: returns at once
+    frames = await client.expect_close(1001)
+    assert [f["op"] for f in frames] == ["RECONNECT"]
+    assert calls == [gateway.settings.presence_grace_ms]

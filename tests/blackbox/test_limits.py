@@ -160,4 +160,4 @@ async def test_a_consumer_that_stops_reading_is_closed_4010_and_others_keep_up(
             await stalled.recv_json(within=10)
     assert closed.value.code == 4010
     await eventually(lambda: len(harness.gateway.connections) == 1, what="the stalled close")
-    assert await harness.metric('gateway_closes_total{code="4010"}') == 1
+    assert await harness.metric('gateway_closes_total{code="4010",side="server"}') == 1
