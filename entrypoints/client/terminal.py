@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 import anyio
 
-from entrypoints.client.client import STATUSES, GatewayClient, TokenSource, connect
+from entrypoints.client.client import STATUSES, Backoff, GatewayClient, TokenSource, connect
 from entrypoints.client.events import (
     ClientError,
     ClientEvent,
@@ -211,8 +211,9 @@ async def run_terminal(
     terminal = Terminal(as_json=as_json, out=out or sys.stdout, err=err or sys.stderr)
     source = stdin or sys.stdin
     status = 0
+    # One operator's terminal: retry more eagerly than the library's default (30 s cap).
     async with (
-        connect(url, token, subscribe=subscribe) as client,
+        connect(url, token, subscribe=subscribe, backoff=Backoff(base=0.5, cap=5.0)) as client,
         anyio.create_task_group() as group,
     ):
 

@@ -164,3 +164,16 @@ async def test_the_client_survives_a_gateway_restart() -> None:
     finally:
         if first_block is not None:
             await first_block.__aexit__(None, None, None)
+
+
+async def test_leaving_the_block_closes_with_1000_as_the_gateway_records(
+    harness: GatewayServer,
+) -> None:
+    async with connect(harness.ws_url, mint("u1")) as client:
+        await next_of(client, Connected)
+    sample = 'gateway_closes_total{code="1000",side="client"}'
+    for _ in range(500):  # bounded wait for the server to record the close
+        if await harness.metric(sample) == 1.0:
+            break
+        await asyncio.sleep(0.01)
+    assert await harness.metric(sample) == 1.0
