@@ -30,7 +30,8 @@ from adapters.jwt import JwtIssuer  # noqa: E402
 from adapters.postgres import PostgresDirectory, migrate  # noqa: E402
 from bench.bench_directory import USER, build  # noqa: E402
 from domain.fixtures import dump_directory  # noqa: E402
-from tests.process.helpers import free_port, wait_for_port  # noqa: E402
+from tests.process.helpers import wait_for_port  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
 
 SECRET = "bench-identify-secret-0123456789abcdef"
 

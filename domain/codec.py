@@ -9,6 +9,7 @@ and each connection only splices in its own sequence number.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -75,11 +76,6 @@ class PresenceUpdate:
 
 
 Command = Identify | Heartbeat | SubscribeServer | UnsubscribeServer | TypingStart | PresenceUpdate
-
-#: Commands allowed only once the session is READY.
-NEEDS_READY: frozenset[type] = frozenset(
-    {SubscribeServer, UnsubscribeServer, TypingStart, PresenceUpdate}
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,16 +153,33 @@ def _loads(text: str) -> Any:
     return _DECODER.decode(text)
 
 
-_PARSERS = {
-    "IDENTIFY": _identify,
-    "HEARTBEAT": _heartbeat,
-    "SUBSCRIBE_SERVER": _subscribe,
-    "UNSUBSCRIBE_SERVER": _unsubscribe,
-    "TYPING_START": _typing,
-    "PRESENCE_UPDATE": _presence,
-}
+@dataclass(frozen=True, slots=True)
+class ClientOp:
+    """One client op of PROTOCOL section 3: its wire name, its command and its parser."""
 
-CLIENT_OPS: frozenset[str] = frozenset(_PARSERS)
+    name: str
+    command: type[Command]
+    parse: Callable[[object], Command | ProtocolError]
+
+
+#: The one registry of client ops (the session table refers to their command types).
+CLIENT_OPS: dict[str, ClientOp] = {
+    op.name: op
+    for op in (
+        ClientOp("IDENTIFY", Identify, _identify),
+        ClientOp("HEARTBEAT", Heartbeat, _heartbeat),
+        ClientOp("SUBSCRIBE_SERVER", SubscribeServer, _subscribe),
+        ClientOp("UNSUBSCRIBE_SERVER", UnsubscribeServer, _unsubscribe),
+        ClientOp("TYPING_START", TypingStart, _typing),
+        ClientOp("PRESENCE_UPDATE", PresenceUpdate, _presence),
+    )
+}
+_NAMES: dict[type[Command], str] = {op.command: op.name for op in CLIENT_OPS.values()}
+
+
+def op_name(command: Command) -> str:
+    """The wire name of a decoded command."""
+    return _NAMES[type(command)]
 
 
 def decode_command(raw: str | bytes) -> Command | ProtocolError:
@@ -182,10 +195,10 @@ def decode_command(raw: str | bytes) -> Command | ProtocolError:
     op = frame.get("op")
     if not isinstance(op, str):
         return ProtocolError(ErrorCode.UNKNOWN_OP, "'op' must be a string")
-    parse = _PARSERS.get(op)
-    if parse is None:
+    client_op = CLIENT_OPS.get(op)
+    if client_op is None:
         return ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {op[:64]!r}", op)
-    return parse(frame.get("d"))
+    return client_op.parse(frame.get("d"))
 
 
 # --- server frames -----------------------------------------------------------------
@@ -223,11 +236,6 @@ class DispatchTemplate:
 
 def dispatch_template(op: str, d: Any) -> DispatchTemplate:
     return DispatchTemplate(op, '{"op":' + _dumps(op) + ',"d":' + _dumps(d) + ',"s":')
-
-
-def dispatch_template_raw(op: str, d_json: str) -> DispatchTemplate:
-    """Like :func:`dispatch_template` for a ``d`` that is already JSON text."""
-    return DispatchTemplate(op, '{"op":' + _dumps(op) + ',"d":' + d_json + ',"s":')
 
 
 # --- publish envelopes (PROTOCOL section 8) ----------------------------------------

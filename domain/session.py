@@ -15,21 +15,24 @@ Theory of operation::
                      ▼                                ▼
                    CLOSED ◄───────────── close() / rate limit / heartbeat ───────
 
-The op table :data:`OP_TABLE` maps (state, command) to what happens; code is written
-only for what a table cannot hold. Work that needs the outside world (verifying the
-token, checking membership, claiming a typing key, changing presence) is returned as
-an effect; the shell reports the outcome back through ``identified``,
-``identify_failed``, ``subscribe_confirmed``, ``refuse`` and friends.
+Two tables hold the transitions: :data:`OP_TABLE` maps (state, client command) and
+:data:`OUTCOME_TABLE` maps (state, shell outcome) to a :class:`Row` of (action, next
+state); code is written only for what a table cannot hold. Work that needs the outside
+world (verifying the token, checking membership, claiming a typing key, changing
+presence) is returned as an effect; the shell carries it out and reports the outcome
+back with :meth:`Session.report` (:class:`Identified`, :class:`IdentifyFailed`,
+:class:`SubscribeConfirmed`, :class:`Refused`, :class:`Removed`, :class:`TimerFired`).
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any, Generic, TypeVar
 
 from domain.codec import (
+    CLIENT_OPS,
     HEARTBEAT_ACK_FRAME,
     CloseCode,
     Command,
@@ -46,8 +49,27 @@ from domain.codec import (
     dispatch_template,
     encode_control,
     encode_error,
+    op_name,
 )
-from domain.model import ChannelId, Server, ServerId, SessionId, Status, User, UserId
+from domain.effects import (
+    Authenticate,
+    Close,
+    Effect,
+    Identified,
+    IdentifyFailed,
+    Outcome,
+    Refused,
+    Removed,
+    Send,
+    SetPresence,
+    StartTyping,
+    Subscribe,
+    SubscribeConfirmed,
+    TimerFired,
+    Unsubscribe,
+)
+from domain.model import Server, ServerId, SessionId, Status, User, UserId
+from domain.rate_limit import SlidingWindow
 
 
 class State(Enum):
@@ -55,58 +77,6 @@ class State(Enum):
     IDENTIFYING = "identifying"
     READY = "ready"
     CLOSED = "closed"
-
-
-# --- effects: what the shell must do ------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Queue this frame (already encoded, ``s`` already stamped) for the client.
-    ``error`` names the ERROR code when the frame is an ERROR (for metrics)."""
-
-    text: str
-    error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Close:
-    code: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Authenticate:
-    """Verify the token, load the user, then call ``identified`` or ``identify_failed``."""
-
-    token: str
-
-
-@dataclass(frozen=True, slots=True)
-class Subscribe:
-    """Check membership, route the server's events here, then ``subscribe_confirmed``."""
-
-    server_id: ServerId
-
-
-@dataclass(frozen=True, slots=True)
-class Unsubscribe:
-    """Stop routing the server's events here (before the UNSUBSCRIBED that follows)."""
-
-    server_id: ServerId
-
-
-@dataclass(frozen=True, slots=True)
-class StartTyping:
-    channel_id: ChannelId
-
-
-@dataclass(frozen=True, slots=True)
-class SetPresence:
-    status: Status
-
-
-Effect = Send | Close | Authenticate | Subscribe | Unsubscribe | StartTyping | SetPresence
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,66 +89,171 @@ class SessionConfig:
     max_subscriptions: int = 200
 
 
-# --- the op table --------------------------------------------------------------------
+# --- the tables ----------------------------------------------------------------------
 #
-# state -> command type -> action. An action is a method name of Session (leading "_")
-# or an ErrorCode to answer with. Ops absent from a state's row cannot occur there.
+# Two tables, read like h11's: state -> input type -> Row(action, next state). An
+# action is a function of (session, input[, now]) returning effects, or an ErrorCode to
+# answer with. ``next_state`` None keeps the state. An input absent from a state's row
+# is ignored there. Code is written only for what a row cannot hold (the rate limit,
+# malformed frames, which timer fired).
 
-_ACK = "_ack"
-OP_TABLE: dict[State, dict[type, str | ErrorCode]] = {
-    State.AWAITING_IDENTIFY: {
-        Identify: "_identify",
-        Heartbeat: _ACK,
-        SubscribeServer: ErrorCode.NOT_AUTHENTICATED,
-        UnsubscribeServer: ErrorCode.NOT_AUTHENTICATED,
-        TypingStart: ErrorCode.NOT_AUTHENTICATED,
-        PresenceUpdate: ErrorCode.NOT_AUTHENTICATED,
-    },
-    State.IDENTIFYING: {
-        Identify: ErrorCode.ALREADY_AUTHENTICATED,
-        Heartbeat: _ACK,
-        SubscribeServer: ErrorCode.NOT_AUTHENTICATED,
-        UnsubscribeServer: ErrorCode.NOT_AUTHENTICATED,
-        TypingStart: ErrorCode.NOT_AUTHENTICATED,
-        PresenceUpdate: ErrorCode.NOT_AUTHENTICATED,
-    },
-    State.READY: {
-        Identify: ErrorCode.ALREADY_AUTHENTICATED,
-        Heartbeat: _ACK,
-        SubscribeServer: "_subscribe",
-        UnsubscribeServer: "_unsubscribe",
-        TypingStart: "_typing",
-        PresenceUpdate: "_presence",
-    },
+C = TypeVar("C")
+
+
+@dataclass(frozen=True, slots=True)
+class Row(Generic[C]):
+    action: Callable[[Session, C, float], list[Effect]] | ErrorCode
+    next_state: State | None = None
+
+
+def _row(
+    kind: type[C],
+    action: Callable[[Session, C, float], list[Effect]] | ErrorCode,
+    next_state: State | None = None,
+) -> tuple[type, Row[Any]]:
+    """A typed row: mypy checks that ``action`` takes a ``kind``."""
+    return kind, Row(action, next_state)
+
+
+def _rows(*rows: tuple[type, Row[Any]]) -> dict[type, Row[Any]]:
+    return dict(rows)
+
+
+def _ack(session: Session, command: Heartbeat, now: float) -> list[Effect]:
+    session.last_heartbeat = now
+    return [Send(HEARTBEAT_ACK_FRAME)]
+
+
+def _identify(session: Session, command: Identify, now: float) -> list[Effect]:
+    return [Authenticate(command.token)]
+
+
+def _subscribe(session: Session, command: SubscribeServer, now: float) -> list[Effect]:
+    sid = command.server_id
+    if sid in session.subscriptions:  # idempotent, and never counts toward the cap
+        return [Send(session.dispatch("SUBSCRIBED", {"serverId": sid}))]
+    cap = session.config.max_subscriptions
+    if len(session.subscriptions) >= cap:
+        return session.refuse(
+            ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+            f"at most {cap} subscriptions per connection",
+            "SUBSCRIBE_SERVER",
+        )
+    return [Subscribe(sid)]
+
+
+def _unsubscribe(session: Session, command: UnsubscribeServer, now: float) -> list[Effect]:
+    return session.report(Removed(command.server_id))
+
+
+def _typing(session: Session, command: TypingStart, now: float) -> list[Effect]:
+    return [StartTyping(command.channel_id)]
+
+
+def _presence(session: Session, command: PresenceUpdate, now: float) -> list[Effect]:
+    return [SetPresence(command.status)]
+
+
+_NOT_AUTHENTICATED = ErrorCode.NOT_AUTHENTICATED
+_ALREADY_AUTHENTICATED = ErrorCode.ALREADY_AUTHENTICATED
+
+#: Client commands: state -> command type -> row.
+OP_TABLE: dict[State, dict[type, Row[Any]]] = {
+    State.AWAITING_IDENTIFY: _rows(
+        _row(Identify, _identify, State.IDENTIFYING),
+        _row(Heartbeat, _ack),
+        _row(SubscribeServer, _NOT_AUTHENTICATED),
+        _row(UnsubscribeServer, _NOT_AUTHENTICATED),
+        _row(TypingStart, _NOT_AUTHENTICATED),
+        _row(PresenceUpdate, _NOT_AUTHENTICATED),
+    ),
+    State.IDENTIFYING: _rows(
+        _row(Identify, _ALREADY_AUTHENTICATED),
+        _row(Heartbeat, _ack),
+        _row(SubscribeServer, _NOT_AUTHENTICATED),
+        _row(UnsubscribeServer, _NOT_AUTHENTICATED),
+        _row(TypingStart, _NOT_AUTHENTICATED),
+        _row(PresenceUpdate, _NOT_AUTHENTICATED),
+    ),
+    State.READY: _rows(
+        _row(Identify, _ALREADY_AUTHENTICATED),
+        _row(Heartbeat, _ack),
+        _row(SubscribeServer, _subscribe),
+        _row(UnsubscribeServer, _unsubscribe),
+        _row(TypingStart, _typing),
+        _row(PresenceUpdate, _presence),
+    ),
     State.CLOSED: {},
 }
 
-#: Op names (as sent) of commands that need READY, for checks made before validation.
-_READY_OPS = {"SUBSCRIBE_SERVER", "UNSUBSCRIBE_SERVER", "TYPING_START", "PRESENCE_UPDATE"}
+
+def _identified(session: Session, outcome: Identified, now: float) -> list[Effect]:
+    session.user_id = outcome.user.id
+    ready = {
+        "sessionId": session.session_id,
+        "user": outcome.user.to_wire(outcome.status),
+        "servers": [s.to_wire() for s in outcome.servers],
+    }
+    return [Send(session.dispatch("READY", ready))]
+
+
+def _identify_failed(session: Session, outcome: IdentifyFailed, now: float) -> list[Effect]:
+    return [Close(outcome.code, outcome.reason)]
+
+
+def _subscribe_confirmed(session: Session, outcome: SubscribeConfirmed, now: float) -> list[Effect]:
+    session.subscriptions.add(outcome.server_id)
+    return [Send(session.dispatch("SUBSCRIBED", {"serverId": outcome.server_id}))]
+
+
+def _refused(session: Session, outcome: Refused, now: float) -> list[Effect]:
+    error = ProtocolError(outcome.code, outcome.message, outcome.op)
+    return [Send(encode_error(error), outcome.code.value)]
+
+
+def _removed(session: Session, outcome: Removed, now: float) -> list[Effect]:
+    # Always answered UNSUBSCRIBED, subscribed or not (7a); the route goes first.
+    effects: list[Effect] = []
+    if outcome.server_id in session.subscriptions:
+        session.subscriptions.discard(outcome.server_id)
+        effects.append(Unsubscribe(outcome.server_id))
+    effects.append(Send(session.dispatch("UNSUBSCRIBED", {"serverId": outcome.server_id})))
+    return effects
+
+
+def _timer(session: Session, outcome: TimerFired, now: float) -> list[Effect]:
+    if session.state is State.AWAITING_IDENTIFY and now >= session.identify_deadline:
+        return session.close(CloseCode.NOT_AUTHENTICATED, "not authenticated in time")
+    if now > session.heartbeat_deadline:
+        return session.close(CloseCode.SESSION_TIMED_OUT, "session timed out")
+    return []
+
+
+_TIMER = _row(TimerFired, _timer)
+_REFUSED = _row(Refused, _refused)
+
+#: What the shell reports back: state -> outcome type -> row.
+OUTCOME_TABLE: dict[State, dict[type, Row[Any]]] = {
+    State.AWAITING_IDENTIFY: _rows(_TIMER, _REFUSED),
+    State.IDENTIFYING: _rows(
+        _row(Identified, _identified, State.READY),
+        _row(IdentifyFailed, _identify_failed, State.CLOSED),
+        _TIMER,
+        _REFUSED,
+    ),
+    State.READY: _rows(
+        _row(SubscribeConfirmed, _subscribe_confirmed),
+        _row(Removed, _removed),
+        _TIMER,
+        _REFUSED,
+    ),
+    State.CLOSED: {},
+}
 
 _ERROR_TEXT = {
     ErrorCode.NOT_AUTHENTICATED: "identify first",
     ErrorCode.ALREADY_AUTHENTICATED: "this connection is already identified",
 }
-
-
-class SlidingWindow:
-    """At most ``count`` events within any span of ``window`` seconds (7a): the
-    timestamps of the last ``count`` accepted events, oldest first."""
-
-    __slots__ = ("_stamps", "count", "window")
-
-    def __init__(self, count: int, window: float) -> None:
-        self.count = count
-        self.window = window
-        self._stamps: deque[float] = deque(maxlen=count)
-
-    def admit(self, now: float) -> bool:
-        stamps = self._stamps
-        if len(stamps) == self.count and now - stamps[0] < self.window:
-            return False
-        stamps.append(now)
-        return True
 
 
 class Session:
@@ -231,105 +306,60 @@ class Session:
             return self.close(CloseCode.RATE_LIMITED, "rate limited")
         decoded = decode_command(raw)
         if isinstance(decoded, ProtocolError):
-            self.last_op = decoded.op if decoded.op in _OP_NAMES_SET else "invalid"
+            self.last_op = decoded.op if decoded.op in CLIENT_OPS else "invalid"
             return self._invalid(decoded)
-        self.last_op = _OP_NAMES[type(decoded)]
+        self.last_op = op_name(decoded)
         return self.handle(decoded, now)
 
     def handle(self, command: Command, now: float) -> list[Effect]:
         """A command already decoded (the rate limit was applied by ``receive``)."""
-        action = OP_TABLE[self.state].get(type(command))
-        if action is None:
+        return self._run(OP_TABLE, command, now, op_name(command))
+
+    def report(self, outcome: Outcome, now: float = 0.0) -> list[Effect]:
+        """What the shell learnt carrying out an effect, or a timer that fired."""
+        return self._run(OUTCOME_TABLE, outcome, now, None)
+
+    def _run(
+        self, table: dict[State, dict[type, Row[Any]]], item: object, now: float, op: str | None
+    ) -> list[Effect]:
+        row = table[self.state].get(type(item))
+        if row is None:
             return []
-        if isinstance(action, ErrorCode):
-            return self.refuse(action, _ERROR_TEXT[action], _op_name(command))
-        method = getattr(self, action)
-        effects: list[Effect] = method(command, now)
+        if isinstance(row.action, ErrorCode):
+            return self.refuse(row.action, _ERROR_TEXT[row.action], op)
+        effects = row.action(self, item, now)
+        if row.next_state is not None:
+            self.state = row.next_state
         return effects
 
     def _invalid(self, error: ProtocolError) -> list[Effect]:
-        # Ordering of checks for a malformed frame of a known op: a second IDENTIFY
-        # is ALREADY_AUTHENTICATED whatever it holds, and an op that needs READY is
-        # NOT_AUTHENTICATED before READY whatever it holds (state before payload).
-        if error.code is ErrorCode.INVALID_PAYLOAD and error.op is not None:
-            if error.op == "IDENTIFY" and self.state is not State.AWAITING_IDENTIFY:
-                code = ErrorCode.ALREADY_AUTHENTICATED
-                return self.refuse(code, _ERROR_TEXT[code], error.op)
-            if error.op in _READY_OPS and self.state is not State.READY:
-                code = ErrorCode.NOT_AUTHENTICATED
-                return self.refuse(code, _ERROR_TEXT[code], error.op)
+        # A malformed frame of a known op: when the op's row in this state is an error
+        # (a second IDENTIFY, an op that needs READY), the state answers before the
+        # payload (7a). Otherwise the payload error itself.
+        client_op = CLIENT_OPS.get(error.op) if error.op is not None else None
+        if error.code is ErrorCode.INVALID_PAYLOAD and client_op is not None:
+            row = OP_TABLE[self.state].get(client_op.command)
+            if row is not None and isinstance(row.action, ErrorCode):
+                return self.refuse(row.action, _ERROR_TEXT[row.action], error.op)
         return [Send(encode_error(error), error.code.value)]
 
-    # --- actions of the op table --------------------------------------------------
-
-    def _ack(self, command: Heartbeat, now: float) -> list[Effect]:
-        self.last_heartbeat = now
-        return [Send(HEARTBEAT_ACK_FRAME)]
-
-    def _identify(self, command: Identify, now: float) -> list[Effect]:
-        self.state = State.IDENTIFYING
-        return [Authenticate(command.token)]
-
-    def _subscribe(self, command: SubscribeServer, now: float) -> list[Effect]:
-        sid = command.server_id
-        if sid in self.subscriptions:  # idempotent, and never counts toward the cap
-            return [Send(self._dispatch("SUBSCRIBED", {"serverId": sid}))]
-        if len(self.subscriptions) >= self.config.max_subscriptions:
-            return self.refuse(
-                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
-                f"at most {self.config.max_subscriptions} subscriptions per connection",
-                "SUBSCRIBE_SERVER",
-            )
-        return [Subscribe(sid)]
-
-    def _unsubscribe(self, command: UnsubscribeServer, now: float) -> list[Effect]:
-        return self.unsubscribe(command.server_id)
-
-    def _typing(self, command: TypingStart, now: float) -> list[Effect]:
-        return [StartTyping(command.channel_id)]
-
-    def _presence(self, command: PresenceUpdate, now: float) -> list[Effect]:
-        return [SetPresence(command.status)]
-
-    # --- outcomes reported by the shell -------------------------------------------
+    # --- outcomes (named shortcuts of ``report``) ---------------------------------
 
     def identified(self, user: User, servers: Sequence[Server], status: Status) -> list[Effect]:
-        if self.state is not State.IDENTIFYING:
-            return []
-        self.state = State.READY
-        self.user_id = user.id
-        ready = {
-            "sessionId": self.session_id,
-            "user": user.to_wire(status),
-            "servers": [s.to_wire() for s in servers],
-        }
-        return [Send(self._dispatch("READY", ready))]
+        return self.report(Identified(user, servers, status))
 
     def identify_failed(self, code: int, reason: str) -> list[Effect]:
-        return self.close(code, reason)
+        return self.report(IdentifyFailed(code, reason))
 
     def subscribe_confirmed(self, server_id: ServerId) -> list[Effect]:
-        if self.state is not State.READY:
-            return []
-        self.subscriptions.add(server_id)
-        return [Send(self._dispatch("SUBSCRIBED", {"serverId": server_id}))]
+        return self.report(SubscribeConfirmed(server_id))
 
     def unsubscribe(self, server_id: ServerId) -> list[Effect]:
-        """UNSUBSCRIBE_SERVER, or a removal decided elsewhere (SERVER_MEMBER_REMOVE).
-        Always answered UNSUBSCRIBED, subscribed or not (7a)."""
-        if self.state is not State.READY:
-            return []
-        effects: list[Effect] = []
-        if server_id in self.subscriptions:
-            self.subscriptions.discard(server_id)
-            effects.append(Unsubscribe(server_id))
-        effects.append(Send(self._dispatch("UNSUBSCRIBED", {"serverId": server_id})))
-        return effects
+        """UNSUBSCRIBE_SERVER, or a removal decided elsewhere (SERVER_MEMBER_REMOVE)."""
+        return self.report(Removed(server_id))
 
     def refuse(self, code: ErrorCode, message: str, op: str | None) -> list[Effect]:
-        if self.state is State.CLOSED:
-            return []
-        return [Send(encode_error(ProtocolError(code, message, op)), code.value)]
+        return self.report(Refused(code, message, op))
 
     # --- timers and teardown ------------------------------------------------------
 
@@ -343,11 +373,7 @@ class Session:
 
     def check_timers(self, now: float) -> list[Effect]:
         """Called by the identify timer and the heartbeat sweep."""
-        if self.state is State.AWAITING_IDENTIFY and now >= self.identify_deadline:
-            return self.close(CloseCode.NOT_AUTHENTICATED, "not authenticated in time")
-        if self.state is not State.CLOSED and now > self.heartbeat_deadline:
-            return self.close(CloseCode.SESSION_TIMED_OUT, "session timed out")
-        return []
+        return self.report(TimerFired(now), now)
 
     def close(self, code: int, reason: str) -> list[Effect]:
         if self.state is State.CLOSED:
@@ -362,20 +388,6 @@ class Session:
         self.seq += 1
         return template.frame(self.seq)
 
-    def _dispatch(self, op: str, d: object) -> str:
+    def dispatch(self, op: str, d: object) -> str:
+        """A dispatch of the session itself (READY, SUBSCRIBED...), stamped."""
         return self.stamp(dispatch_template(op, d))
-
-
-def _op_name(command: Command) -> str:
-    return _OP_NAMES[type(command)]
-
-
-_OP_NAMES: dict[type, str] = {
-    Identify: "IDENTIFY",
-    Heartbeat: "HEARTBEAT",
-    SubscribeServer: "SUBSCRIBE_SERVER",
-    UnsubscribeServer: "UNSUBSCRIBE_SERVER",
-    TypingStart: "TYPING_START",
-    PresenceUpdate: "PRESENCE_UPDATE",
-}
-_OP_NAMES_SET = frozenset(_OP_NAMES.values())

@@ -15,7 +15,6 @@ from starlette.websockets import WebSocket
 
 from adapters.shell import Gateway
 from adapters.websocket import StarletteTransport
-from domain.session import State
 from entrypoints.bootstrap import build_gateway
 from entrypoints.config import Config
 from entrypoints.http_api import publish_route
@@ -41,9 +40,10 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     gateway = _gateway(request.app)
+    snapshot = gateway.snapshot()
     checks: dict[str, bool] = {
-        "running": gateway.running and not gateway.draining,
-        "broker": gateway.broker.is_healthy(),
+        "running": snapshot.running and not snapshot.draining,
+        "broker": snapshot.broker_healthy,
     }
     for name, ping in (("directory", gateway.directory.ping), ("presence", gateway.presence.ping)):
         ok = False
@@ -60,15 +60,11 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     gateway = _gateway(request.app)
-    counts = dict.fromkeys(State, 0)
-    queued = 0
-    for conn in gateway.connections:
-        counts[conn.session.state] += 1
-        queued += len(conn.outbound)
-    for state, n in counts.items():
+    snapshot = gateway.snapshot()
+    for state, n in snapshot.states.items():
         gateway.metrics.connections.labels(state.value).set(n)
-    gateway.metrics.outbound_queued.set(queued)
-    gateway.metrics.broker_up.set(1 if gateway.broker.is_healthy() else 0)
+    gateway.metrics.outbound_queued.set(snapshot.outbound_queued)
+    gateway.metrics.broker_up.set(1 if snapshot.broker_healthy else 0)
     stats = getattr(gateway.broker, "stats", None)
     outages = getattr(stats, "outages", None)
     if isinstance(outages, int):
@@ -92,7 +88,7 @@ def create_app(
                 yield
             finally:
                 with anyio.CancelScope(shield=True):
-                    await gateway.drain(timeout=gateway.settings.drain_timeout)
+                    await gateway.drain()
                 group.cancel_scope.cancel()
 
     return Starlette(

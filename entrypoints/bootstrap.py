@@ -14,7 +14,7 @@ from adapters.memory import (
     MemoryPresenceStore,
     MemoryTypingGate,
 )
-from adapters.shell import Gateway
+from adapters.shell import Backends, Gateway, make_gateway
 from domain.ports import Broker, Directory, PresenceStore, TypingGate
 from entrypoints.config import Config, demo_data, load_fixture_file
 
@@ -37,7 +37,7 @@ async def open_directory(config: Config) -> AsyncIterator[Directory]:
         directory = PostgresDirectory(
             config.database_url,
             max_size=config.database_pool_size,
-            command_timeout=config.gateway.backend_timeout,
+            command_timeout=config.gateway.backend_timeout_ms / 1000,
         )
         async with directory:
             yield directory
@@ -71,12 +71,6 @@ async def build_gateway(config: Config) -> AsyncIterator[Gateway]:
             broker = MemoryBrokerNetwork().client()
             typing_gate = MemoryTypingGate(clock)
             presence = MemoryPresenceStore(clock)
-        yield Gateway(
-            broker=broker,
-            typing_gate=typing_gate,
-            presence=presence,
-            directory=directory,
-            tokens=tokens,
-            clock=clock,
-            settings=config.gateway,
+        yield make_gateway(
+            Backends(broker, typing_gate, presence, directory, tokens, clock), config.gateway
         )

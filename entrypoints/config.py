@@ -97,18 +97,18 @@ class Config:
         )
         settings = GatewaySettings(
             session=session,
-            heartbeat_sweep=_int(env, "GATEWAY_HEARTBEAT_SWEEP_MS", 45_000, 1) / ms,
+            heartbeat_sweep_ms=_int(env, "GATEWAY_HEARTBEAT_SWEEP_MS", 45_000, 1),
             typing_ttl_ms=_int(env, "GATEWAY_TYPING_TTL_MS", 10_000, 1),
             max_payload_bytes=_int(env, "GATEWAY_MAX_PAYLOAD_BYTES", 65_536, 1),
             outbound_max_frames=_int(env, "GATEWAY_OUTBOUND_MAX_FRAMES", 2_048, 1),
             outbound_max_bytes=_int(env, "GATEWAY_OUTBOUND_MAX_BYTES", 1 << 20, 1),
             max_connections=_int(env, "GATEWAY_MAX_CONNECTIONS", 0),
             max_connections_per_user=_int(env, "GATEWAY_MAX_CONNECTIONS_PER_USER", 0),
-            permission_cache_ttl=_int(env, "GATEWAY_PERMISSION_CACHE_TTL_MS", 30_000, 0) / ms,
-            backend_timeout=_int(env, "GATEWAY_BACKEND_TIMEOUT_MS", 5_000, 1) / ms,
+            permission_cache_ttl_ms=_int(env, "GATEWAY_PERMISSION_CACHE_TTL_MS", 30_000, 0),
+            backend_timeout_ms=_int(env, "GATEWAY_BACKEND_TIMEOUT_MS", 5_000, 1),
             presence_grace_ms=_int(env, "GATEWAY_PRESENCE_GRACE_MS", 15_000, 1),
-            drain_timeout=_int(env, "GATEWAY_DRAIN_TIMEOUT_MS", 10_000, 0) / ms,
-            close_timeout=_int(env, "GATEWAY_CLOSE_TIMEOUT_MS", 2_000, 1) / ms,
+            drain_timeout_ms=_int(env, "GATEWAY_DRAIN_TIMEOUT_MS", 10_000, 0),
+            close_timeout_ms=_int(env, "GATEWAY_CLOSE_TIMEOUT_MS", 2_000, 1),
         )
         algorithms = tuple(
             a.strip() for a in env.get("GATEWAY_JWT_ALGORITHMS", "HS256").split(",") if a.strip()

@@ -63,7 +63,7 @@ async def serve_app(
     on_started: Callable[[], None] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set), draining the gateway first."""
-    hypercorn_compat.apply(close_timeout_s=config.gateway.close_timeout)
+    hypercorn_compat.apply(close_timeout_s=config.gateway.close_timeout_ms / 1000)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     if install_signal_handlers:
@@ -76,7 +76,7 @@ async def serve_app(
         await stop.wait()
         gateway: Gateway | None = getattr(app.state, "gateway", None)
         if gateway is not None:
-            log.info("draining %d connections", len(gateway.connections))
+            log.info("draining %d connections", len(gateway.snapshot().connections))
             await gateway.drain()
 
     try:

@@ -143,7 +143,7 @@ class Checker:
         self.stop_on_violation = stop_on_violation
         self.on_stop: Callable[[], None] | None = None
         self.timeout = settings.session.heartbeat_timeout
-        self.sweep = settings.heartbeat_sweep
+        self.sweep = settings.heartbeat_sweep_ms / 1000
         self.typing_ttl_ms = settings.typing_ttl_ms
         self.slow_threshold = transport_capacity + settings.outbound_max_frames + 2
         self.member_of = {u: frozenset(s) for u, s in population.servers_of.items()}

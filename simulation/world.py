@@ -30,7 +30,7 @@ from adapters.memory import (
     MemoryPresenceStore,
     MemoryTypingGate,
 )
-from adapters.shell import Gateway, GatewaySettings
+from adapters.shell import Backends, GatewaySettings, make_gateway
 from simulation.clients import VirtualClient
 from simulation.clock import VirtualClock
 from simulation.faults import (
@@ -91,7 +91,7 @@ class SimConfig:
         """After the clients left: two heartbeat timeouts and a sweep, for the last
         crashed sessions to be reaped and every timer to run out."""
         s = self.settings()
-        return 2 * s.session.heartbeat_timeout + s.heartbeat_sweep + 10.0
+        return 2 * s.session.heartbeat_timeout + s.heartbeat_sweep_ms / 1000 + 10.0
 
     def command(self) -> str:
         faults = ",".join(f for f in ALL_FAULTS if f in self.faults) or "none"
@@ -142,14 +142,17 @@ class SimInstance:
         self.life = Life()
         self.broker = SimBroker(world.network, world.checker, world.loop)
         self._sessions = random.Random(f"{world.session_seed}:{self.id}")
-        self.gateway = Gateway(
+        backends = Backends(
             broker=self.broker,
             typing_gate=InstanceTypingGate(world.typing, self.life),
             presence=InstancePresence(world.presence, self.life, world.checker.presence_changed),
             directory=InstanceDirectory(world.directory, self.life),
             tokens=world.verifier,
             clock=world.clock,
-            settings=world.settings,
+        )
+        self.gateway = make_gateway(
+            backends,
+            world.settings,
             instance_id=self.id,
             new_session_id=self._new_session_id,
         )
@@ -441,12 +444,12 @@ class World:
         checker.presence_pass(self.now(), everyone=True)
         problems: list[str] = []
         for instance in self.instances:
-            gateway = instance.gateway
+            snapshot = instance.gateway.snapshot()
             for what, left in (
-                ("connections", len(gateway.connections)),
-                ("by_server routes", sum(map(len, gateway.by_server.values()))),
-                ("by_user routes", sum(map(len, gateway.by_user.values()))),
-                ("interest channels", len(gateway.interest.channels())),
+                ("connections", len(snapshot.connections)),
+                ("by_server routes", sum(map(len, snapshot.servers.values()))),
+                ("by_user routes", sum(map(len, snapshot.users.values()))),
+                ("interest channels", len(snapshot.interest)),
                 ("broker subscriptions", len(instance.broker.subscribed_channels)),
             ):
                 checker.checks[LEAKS] += 1

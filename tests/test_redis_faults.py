@@ -23,103 +23,13 @@ import pytest
 from adapters.redis import RedisBroker, create_client, open_redis_backends
 from domain.model import Status
 from domain.ports import BackendUnavailable
+from tests.support.net import TcpProxy
 
 pytestmark = pytest.mark.redis
 
 PING_INTERVAL = 0.2
 PING_TIMEOUT = 0.5
 WAIT = 5.0  # seconds: bound for anything expected to happen soon
-
-
-class HangableProxy:
-    """A TCP proxy to Redis. ``pause()`` stops forwarding in both directions while
-    keeping every socket open; ``refuse()`` closes new connections at once."""
-
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self._target = (target_host, target_port)
-        self._flowing = asyncio.Event()
-        self._flowing.set()
-        self._refusing = False
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
-        self.port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def url(self, db: str) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def pause(self) -> None:
-        self._flowing.clear()
-
-    def resume(self) -> None:
-        self._refusing = False
-        self._flowing.set()
-
-    def refuse(self) -> None:
-        """A server that is down: drop every connection, refuse new ones."""
-        self._refusing = True
-        self.drop_connections()
-
-    def drop_connections(self) -> None:
-        for writer in list(self._writers):
-            writer.close()
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        self.drop_connections()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._server is not None:
-            await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.add(writer)
-        upstream_writer: asyncio.StreamWriter | None = None
-        try:
-            if self._refusing:
-                return
-            up_reader, upstream_writer = await asyncio.open_connection(*self._target)
-            self._writers.add(upstream_writer)
-            pumps = [
-                asyncio.create_task(self._pump(reader, upstream_writer)),
-                asyncio.create_task(self._pump(up_reader, writer)),
-            ]
-            try:
-                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for pump in pumps:
-                    pump.cancel()
-                await asyncio.gather(*pumps, return_exceptions=True)
-        except OSError:
-            pass
-        finally:
-            for w in (writer, upstream_writer):
-                if w is not None:
-                    self._writers.discard(w)
-                    w.close()
-                    with contextlib.suppress(Exception):
-                        await w.wait_closed()
-            self._tasks.discard(task)
-
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while data := await reader.read(65536):
-                await self._flowing.wait()
-                if writer.is_closing():
-                    return
-                writer.write(data)
-                await writer.drain()
 
 
 @dataclass
@@ -147,9 +57,9 @@ def _target(redis_url: str) -> tuple[str, int, str]:
 
 
 @pytest.fixture
-async def proxy(redis_url: str) -> AsyncIterator[HangableProxy]:
+async def proxy(redis_url: str) -> AsyncIterator[TcpProxy]:
     host, port, _ = _target(redis_url)
-    p = HangableProxy(host, port)
+    p = TcpProxy(host, port)
     await p.start()
     try:
         yield p
@@ -187,10 +97,10 @@ async def wait_unhealthy(broker: RedisBroker) -> float:
 
 
 def proxied_broker(
-    proxy: HangableProxy, db: str, *, publish_timeout: float = 0.5, subscribe_timeout: float = 3.0
+    proxy: TcpProxy, db: str, *, publish_timeout: float = 0.5, subscribe_timeout: float = 3.0
 ) -> RedisBroker:
     return RedisBroker(
-        proxy.url(db),
+        proxy.url(f"redis://127.0.0.1/{db}"),
         ping_interval=PING_INTERVAL,
         ping_timeout=PING_TIMEOUT,
         connect_timeout=0.5,
@@ -204,7 +114,7 @@ def channel_name() -> str:
     return f"ws:server:test-{uuid.uuid4().hex}"
 
 
-async def test_hung_server_is_detected_and_recovered(redis_url: str, proxy: HangableProxy) -> None:
+async def test_hung_server_is_detected_and_recovered(redis_url: str, proxy: TcpProxy) -> None:
     db = _target(redis_url)[2]
     recorder = Recorder()
     channel, late = channel_name(), channel_name()
@@ -216,7 +126,7 @@ async def test_hung_server_is_detected_and_recovered(redis_url: str, proxy: Hang
         await direct.publish(channel, b"before")
         await recorder.wait_for(channel, b"before")
 
-        proxy.pause()
+        proxy.hang()
         noticed = await wait_unhealthy(broker)
         print(f"\nhung server noticed after {noticed * 1000:.0f} ms")
         assert noticed <= PING_INTERVAL + PING_TIMEOUT + 0.3
@@ -227,7 +137,7 @@ async def test_hung_server_is_detected_and_recovered(redis_url: str, proxy: Hang
             tg.start_soon(broker.subscribe, late)
             await anyio.sleep(0.3)
             assert not broker.is_healthy()
-            proxy.resume()
+            proxy.restore()
             recovered = await wait_healthy(broker)
         print(f"recovered {recovered * 1000:.0f} ms after the proxy resumed")
 
@@ -241,7 +151,7 @@ async def test_hung_server_is_detected_and_recovered(redis_url: str, proxy: Hang
 
 
 async def test_hung_server_is_detected_with_a_busy_handler_too(
-    redis_url: str, proxy: HangableProxy
+    redis_url: str, proxy: TcpProxy
 ) -> None:
     """Time in the handler is not silence: a slow handler is not a dead server."""
     db = _target(redis_url)[2]
@@ -266,7 +176,7 @@ async def test_hung_server_is_detected_with_a_busy_handler_too(
 
 
 async def test_killed_connection_resubscribes_and_delivery_resumes(
-    redis_url: str, proxy: HangableProxy
+    redis_url: str, proxy: TcpProxy
 ) -> None:
     name = f"gw-test-{uuid.uuid4().hex[:12]}"
     recorder = Recorder()
@@ -310,7 +220,7 @@ async def test_killed_connection_resubscribes_and_delivery_resumes(
             await admin.aclose()
 
 
-async def test_publish_while_down_fails_fast(redis_url: str, proxy: HangableProxy) -> None:
+async def test_publish_while_down_fails_fast(redis_url: str, proxy: TcpProxy) -> None:
     db = _target(redis_url)[2]
     recorder = Recorder()
     async with running(proxied_broker(proxy, db, publish_timeout=1.0), recorder) as broker:
@@ -318,7 +228,7 @@ async def test_publish_while_down_fails_fast(redis_url: str, proxy: HangableProx
         await broker.publish(channel, b"fine")
 
         # Hung: the first publish waits at most its timeout...
-        proxy.pause()
+        proxy.hang()
         start = time.monotonic()
         with pytest.raises(BackendUnavailable):
             await broker.publish(channel, b"hung")
@@ -341,7 +251,7 @@ async def test_publish_while_down_fails_fast(redis_url: str, proxy: HangableProx
         assert time.monotonic() - start < 2.0
 
         # Back: publishing and subscribing work again.
-        proxy.resume()
+        proxy.restore()
         await wait_healthy(broker)
         await broker.subscribe(channel)
         await broker.publish(channel, b"back")
@@ -349,7 +259,7 @@ async def test_publish_while_down_fails_fast(redis_url: str, proxy: HangableProx
 
 
 async def test_subscribe_while_down_times_out_with_backend_unavailable(
-    redis_url: str, proxy: HangableProxy
+    redis_url: str, proxy: TcpProxy
 ) -> None:
     db = _target(redis_url)[2]
     recorder = Recorder()
@@ -362,14 +272,14 @@ async def test_subscribe_while_down_times_out_with_backend_unavailable(
             await broker.subscribe(channel)
         assert time.monotonic() - start < 1.0
         assert channel not in broker.subscribed_channels  # a failed subscribe has no effect
-        proxy.resume()
+        proxy.restore()
         await wait_healthy(broker)
         await broker.subscribe(channel)
         await broker.publish(channel, b"ok")
         await recorder.wait_for(channel, b"ok")
 
 
-async def test_broker_starts_while_redis_is_down(redis_url: str, proxy: HangableProxy) -> None:
+async def test_broker_starts_while_redis_is_down(redis_url: str, proxy: TcpProxy) -> None:
     db = _target(redis_url)[2]
     proxy.refuse()
     recorder = Recorder()
@@ -379,7 +289,7 @@ async def test_broker_starts_while_redis_is_down(redis_url: str, proxy: Hangable
         await anyio.sleep(0.5)
         assert not broker.is_healthy()
         assert broker.stats.connect_failures >= 1
-        proxy.resume()
+        proxy.restore()
         await wait_healthy(broker)
         assert broker.stats.outages == 0
         channel = channel_name()
@@ -391,7 +301,7 @@ async def test_broker_starts_while_redis_is_down(redis_url: str, proxy: Hangable
 
 
 async def test_close_stops_run_and_releases_a_waiting_subscribe(
-    redis_url: str, proxy: HangableProxy
+    redis_url: str, proxy: TcpProxy
 ) -> None:
     db = _target(redis_url)[2]
     broker = proxied_broker(proxy, db, subscribe_timeout=10.0)
@@ -407,7 +317,7 @@ async def test_close_stops_run_and_releases_a_waiting_subscribe(
         async with anyio.create_task_group() as tg:
             tg.start_soon(broker.run, Recorder().handler)
             await wait_healthy(broker)
-            proxy.pause()
+            proxy.hang()
             await wait_unhealthy(broker)
             tg.start_soon(subscribe_while_down)
             await anyio.sleep(0.1)
@@ -420,7 +330,7 @@ async def test_close_stops_run_and_releases_a_waiting_subscribe(
         await broker.publish(channel_name(), b"closed")
 
 
-async def test_a_cancelled_subscribe_has_no_effect(redis_url: str, proxy: HangableProxy) -> None:
+async def test_a_cancelled_subscribe_has_no_effect(redis_url: str, proxy: TcpProxy) -> None:
     db = _target(redis_url)[2]
     recorder = Recorder()
     async with running(proxied_broker(proxy, db), recorder) as broker:
@@ -430,7 +340,7 @@ async def test_a_cancelled_subscribe_has_no_effect(redis_url: str, proxy: Hangab
         with anyio.move_on_after(0.2):
             await broker.subscribe(channel)
         assert channel not in broker.subscribed_channels
-        proxy.resume()
+        proxy.restore()
         await wait_healthy(broker)
         await broker.publish(channel, b"not subscribed")
         fence = channel_name()
@@ -462,9 +372,10 @@ async def test_open_redis_backends_works_and_closes_everything(redis_url: str) -
         await broker.publish(channel, b"closed")
 
 
-async def test_open_redis_backends_starts_while_redis_is_down(proxy: HangableProxy) -> None:
+async def test_open_redis_backends_starts_while_redis_is_down(proxy: TcpProxy) -> None:
     proxy.refuse()
-    async with open_redis_backends(proxy.url("15"), call_timeout=0.5) as (broker, typing_gate, _):
+    url = proxy.url("redis://127.0.0.1/15")
+    async with open_redis_backends(url, call_timeout=0.5) as (broker, typing_gate, _):
         assert not broker.is_healthy()
         with pytest.raises(BackendUnavailable):
             await typing_gate.claim("typing:c:u", 1000)

@@ -24,11 +24,12 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Self, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Literal, Self, TypeAlias, TypeVar
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from adapters.postgres import sql
 from domain.model import (
     Channel,
     ChannelId,
@@ -100,157 +101,6 @@ class _Connection(_BaseConnection):
 class DirectoryLoadError(ValueError):
     """A fixture does not fit the schema (a dangling reference, a duplicate
     username, a permission that does not fit in 64 bits)."""
-
-
-# --- Reads -----------------------------------------------------------------------
-
-_GET_USER = "SELECT id, username, display_name, avatar_url FROM users WHERE id = $1"
-
-# An exact id wins over someone else's equal username.
-_FIND_USER = """
-SELECT id, username, display_name, avatar_url
-FROM users
-WHERE id = $1 OR username = $1
-ORDER BY id = $1 DESC
-LIMIT 1
-"""
-
-_GET_USER_SERVERS = """
-SELECT s.id, s.name, s.owner_id, s.icon_url
-FROM server_members m
-JOIN servers s ON s.id = m.server_id
-WHERE m.user_id = $1
-ORDER BY s.id COLLATE "C"
-"""
-
-_OVERWRITES_OF_C = """
-ARRAY(
-    SELECT ROW(o.target_id, o.target_type, o.allow, o.deny)
-    FROM channel_overwrites o
-    WHERE o.channel_id = c.id
-    ORDER BY o.target_type, o.target_id
-)
-"""
-
-_GET_SERVER_CONTEXT = f"""
-SELECT s.id, s.name, s.owner_id, s.icon_url,
-       ARRAY(
-           SELECT ROW(r.id, r.name, r.permissions)
-           FROM roles r
-           WHERE r.server_id = s.id
-           ORDER BY r.id
-       ) AS roles,
-       ARRAY(
-           SELECT ROW(c.id, c.name, c.type, {_OVERWRITES_OF_C})
-           FROM channels c
-           WHERE c.server_id = s.id
-           ORDER BY c.id
-       ) AS channels
-FROM servers s
-WHERE s.id = $1
-"""
-
-_GET_CHANNEL = f"""
-SELECT c.id, c.server_id, c.name, c.type, {_OVERWRITES_OF_C} AS overwrites
-FROM channels c
-WHERE c.id = $1
-"""
-
-_GET_MEMBERS = """
-SELECT m.user_id,
-       ARRAY(
-           SELECT mr.role_id
-           FROM member_roles mr
-           WHERE mr.server_id = m.server_id AND mr.user_id = m.user_id
-           ORDER BY mr.role_id
-       ) AS role_ids
-FROM server_members m
-WHERE m.server_id = $1 AND m.user_id = ANY($2::text[])
-"""
-
-# --- Writes ----------------------------------------------------------------------
-
-_SET_USER_STATUS = "UPDATE users SET status = $2 WHERE id = $1 AND status <> $2"
-
-# Upserts rewrite a row only when something changed, so that loading the same
-# fixture again writes nothing.
-_UPSERT_USERS = """
-INSERT INTO users AS t (id, username, display_name, avatar_url)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-ON CONFLICT (id) DO UPDATE
-SET username = excluded.username,
-    display_name = excluded.display_name,
-    avatar_url = excluded.avatar_url
-WHERE (t.username, t.display_name, t.avatar_url)
-      IS DISTINCT FROM (excluded.username, excluded.display_name, excluded.avatar_url)
-"""
-
-_UPSERT_SERVERS = """
-INSERT INTO servers AS t (id, name, owner_id, icon_url)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-ON CONFLICT (id) DO UPDATE
-SET name = excluded.name, owner_id = excluded.owner_id, icon_url = excluded.icon_url
-WHERE (t.name, t.owner_id, t.icon_url)
-      IS DISTINCT FROM (excluded.name, excluded.owner_id, excluded.icon_url)
-"""
-
-_UPSERT_ROLES = """
-INSERT INTO roles AS t (id, server_id, name, permissions)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
-ON CONFLICT (id) DO UPDATE
-SET server_id = excluded.server_id, name = excluded.name, permissions = excluded.permissions
-WHERE (t.server_id, t.name, t.permissions)
-      IS DISTINCT FROM (excluded.server_id, excluded.name, excluded.permissions)
-"""
-
-_INSERT_MEMBERS = """
-INSERT INTO server_members (server_id, user_id)
-SELECT * FROM unnest($1::text[], $2::text[])
-ON CONFLICT DO NOTHING
-"""
-
-# The loaded members' roles become exactly the fixture's: drop the others...
-_DELETE_STALE_MEMBER_ROLES = """
-DELETE FROM member_roles AS mr
-USING unnest($1::text[], $2::text[]) AS m(server_id, user_id)
-WHERE mr.server_id = m.server_id AND mr.user_id = m.user_id
-  AND (mr.server_id, mr.user_id, mr.role_id) NOT IN (
-      SELECT * FROM unnest($3::text[], $4::text[], $5::text[])
-  )
-"""
-
-# ... and add the missing ones.
-_INSERT_MEMBER_ROLES = """
-INSERT INTO member_roles (server_id, user_id, role_id)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
-ON CONFLICT DO NOTHING
-"""
-
-_UPSERT_CHANNELS = """
-INSERT INTO channels AS t (id, server_id, name, type)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-ON CONFLICT (id) DO UPDATE
-SET server_id = excluded.server_id, name = excluded.name, type = excluded.type
-WHERE (t.server_id, t.name, t.type)
-      IS DISTINCT FROM (excluded.server_id, excluded.name, excluded.type)
-"""
-
-# Same for the loaded channels' overwrites.
-_DELETE_STALE_OVERWRITES = """
-DELETE FROM channel_overwrites AS o
-WHERE o.channel_id = ANY($1::text[])
-  AND (o.channel_id, o.target_id, o.target_type) NOT IN (
-      SELECT * FROM unnest($2::text[], $3::text[], $4::text[])
-  )
-"""
-
-_UPSERT_OVERWRITES = """
-INSERT INTO channel_overwrites AS t (channel_id, target_id, target_type, allow, deny)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[])
-ON CONFLICT (channel_id, target_id, target_type) DO UPDATE
-SET allow = excluded.allow, deny = excluded.deny
-WHERE (t.allow, t.deny) IS DISTINCT FROM (excluded.allow, excluded.deny)
-"""
 
 
 class PostgresDirectory:
@@ -438,19 +288,19 @@ class PostgresDirectory:
     # --- The Directory port ------------------------------------------------------
 
     async def get_user(self, user_id: UserId) -> User | None:
-        row = await self._fetchrow("get_user", _GET_USER, user_id)
+        row = await self._fetchrow("get_user", sql.GET_USER, user_id)
         return None if row is None else _user(row)
 
     async def find_user(self, id_or_username: str) -> User | None:
-        row = await self._fetchrow("find_user", _FIND_USER, id_or_username)
+        row = await self._fetchrow("find_user", sql.FIND_USER, id_or_username)
         return None if row is None else _user(row)
 
     async def get_user_servers(self, user_id: UserId) -> list[Server]:
-        rows = await self._fetch("get_user_servers", _GET_USER_SERVERS, user_id)
+        rows = await self._fetch("get_user_servers", sql.GET_USER_SERVERS, user_id)
         return [_server(row) for row in rows]
 
     async def get_server_context(self, server_id: ServerId) -> ServerContext | None:
-        row = await self._fetchrow("get_server_context", _GET_SERVER_CONTEXT, server_id)
+        row = await self._fetchrow("get_server_context", sql.GET_SERVER_CONTEXT, server_id)
         if row is None:
             return None
         roles = {
@@ -465,7 +315,7 @@ class PostgresDirectory:
         return ServerContext(server=_server(row), roles=roles, channels=channels)
 
     async def get_channel(self, channel_id: ChannelId) -> Channel | None:
-        row = await self._fetchrow("get_channel", _GET_CHANNEL, channel_id)
+        row = await self._fetchrow("get_channel", sql.GET_CHANNEL, channel_id)
         if row is None:
             return None
         return Channel(id=row["id"], server_id=row["server_id"], name=row["name"],
@@ -478,7 +328,7 @@ class PostgresDirectory:
         role ids in id order."""
         if not user_ids:
             return {}
-        rows = await self._fetch("get_members", _GET_MEMBERS, server_id, list(set(user_ids)))
+        rows = await self._fetch("get_members", sql.GET_MEMBERS, server_id, list(set(user_ids)))
         return {
             row["user_id"]: Member(server_id=server_id, user_id=row["user_id"],
                                    role_ids=tuple(row["role_ids"]))
@@ -489,7 +339,7 @@ class PostgresDirectory:
         value = Status(status).value
 
         async def op(conn: Connection, remaining: Callable[[], float]) -> None:
-            await conn.execute(_SET_USER_STATUS, user_id, value, timeout=remaining())
+            await conn.execute(sql.SET_USER_STATUS, user_id, value, timeout=remaining())
 
         await self._run("set_user_status", op)
 
@@ -498,7 +348,7 @@ class PostgresDirectory:
         changes nothing. The loaded members' roles and the loaded channels'
         overwrites become exactly the fixture's; nothing absent from the fixture is
         deleted. Raises :class:`DirectoryLoadError` when the data does not fit."""
-        statements = _load_statements(data)
+        statements = sql.load_statements(data)
 
         async def op(conn: Connection, remaining: Callable[[], float]) -> None:
             async with conn.transaction():
@@ -538,52 +388,3 @@ def _overwrites(records: Sequence[tuple[str, str, int, int]]) -> tuple[Overwrite
         kind: Literal["role", "member"] = "role" if target_type == "role" else "member"
         result.append(Overwrite(id=target_id, type=kind, allow=allow, deny=deny))
     return tuple(result)
-
-
-# --- A fixture to statements -------------------------------------------------------
-
-
-def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> tuple[list[Any], ...]:
-    """Rows to one list per column (the arguments of ``unnest``)."""
-    return tuple([row[i] for row in rows] for i in range(width))
-
-
-def _load_statements(data: DirectoryData) -> list[tuple[str, tuple[list[Any], ...]]]:
-    """The statements of :meth:`PostgresDirectory.load`, in dependency order.
-
-    Within a fixture the last entity with a given id wins (like the memory
-    directory); rows go in key order so that concurrent loads lock rows in the same
-    order and cannot deadlock.
-    """
-    users = sorted({u.id: u for u in data.users}.values(), key=lambda u: u.id)
-    servers = sorted({s.id: s for s in data.servers}.values(), key=lambda s: s.id)
-    roles = sorted({r.id: r for r in data.roles}.values(), key=lambda r: r.id)
-    members = sorted({(m.server_id, m.user_id): m for m in data.members}.values(),
-                     key=lambda m: (m.server_id, m.user_id))
-    channels = sorted({c.id: c for c in data.channels}.values(), key=lambda c: c.id)
-    member_roles = sorted({(m.server_id, m.user_id, rid) for m in members for rid in m.role_ids})
-    overwrites = sorted(
-        {(c.id, o.id, o.type): (c.id, o.id, o.type, o.allow, o.deny)
-         for c in channels for o in c.overwrites}.values()
-    )
-
-    member_keys = _columns([(m.server_id, m.user_id) for m in members], 2)
-    member_role_cols = _columns(member_roles, 3)
-    overwrite_cols = _columns(overwrites, 5)
-    statements: list[tuple[str, tuple[list[Any], ...]]] = [
-        (_UPSERT_USERS,
-         _columns([(u.id, u.username, u.display_name, u.avatar_url) for u in users], 4)),
-        (_UPSERT_SERVERS,
-         _columns([(s.id, s.name, s.owner_id, s.icon_url) for s in servers], 4)),
-        (_UPSERT_ROLES,
-         _columns([(r.id, r.server_id, r.name, r.permissions) for r in roles], 4)),
-        (_INSERT_MEMBERS, member_keys),
-        (_DELETE_STALE_MEMBER_ROLES, member_keys + member_role_cols),
-        (_INSERT_MEMBER_ROLES, member_role_cols),
-        (_UPSERT_CHANNELS,
-         _columns([(c.id, c.server_id, c.name, c.type) for c in channels], 4)),
-        (_DELETE_STALE_OVERWRITES, ([c.id for c in channels], *overwrite_cols[:3])),
-        (_UPSERT_OVERWRITES, overwrite_cols),
-    ]
-    # A statement whose first column is empty has nothing to do.
-    return [(query, args) for query, args in statements if args[0]]

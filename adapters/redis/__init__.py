@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from adapters.redis._common import DEFAULT_TIMEOUT, create_client
-from adapters.redis.broker import BrokerStats, RedisBroker
+from adapters.redis.broker import RedisBroker
 from adapters.redis.presence import RedisPresenceStore
+from adapters.redis.subscriber import BrokerStats
 from adapters.redis.typing_gate import RedisTypingGate
 
 __all__ = [

@@ -5,8 +5,9 @@ It depends on ports only; the composition root (``entrypoints.bootstrap``) or th
 simulation picks the adapters.
 """
 
-from adapters.shell.connection import Connection
+from adapters.shell.factory import Backends, make_gateway
 from adapters.shell.gateway import Gateway
 from adapters.shell.settings import GatewaySettings
+from adapters.shell.snapshot import GatewaySnapshot
 
-__all__ = ["Connection", "Gateway", "GatewaySettings"]
+__all__ = ["Backends", "Gateway", "GatewaySettings", "GatewaySnapshot", "make_gateway"]

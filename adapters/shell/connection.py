@@ -1,8 +1,15 @@
-"""One client connection: a reader that feeds the session, and a sender task that
-drains a bounded outbound queue.
+"""One client connection: the socket side of a session.
 
-Fan-out never awaits a socket: it stamps the connection's next ``s`` into a frame
-encoded once per event and appends it to the queue (:meth:`Connection.deliver`). A
+A connection owns the transport, a bounded outbound queue and the sender task that
+drains it, and runs the one effect interpreter (:meth:`Connection.perform`): frames
+read from the socket go to the session, and the effects that come back run in one
+flat loop, in the shape of hypercorn's ``WSStream._handle_events``. Effects that need
+the world are handed to the :class:`SessionHost`, which does the I/O and *returns*
+the session's answer as more effects for the same loop. Nothing calls back into the
+connection.
+
+Fan-out never awaits a socket: it stamps the session's next ``s`` into a frame
+encoded once per event and appends it to the queue (:meth:`Connection.enqueue`). A
 queue over its frame or byte bound means a slow consumer: the queue is dropped and
 the connection is closed with 4010, without ever stalling the broadcast.
 
@@ -17,103 +24,124 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import anyio
+import anyio.abc
 
-from domain.codec import CloseCode, DispatchTemplate
-from domain.model import Server, User, UserId
-from domain.ports import MessageTooBig, Transport, TransportClosed
-from domain.session import (
-    Authenticate,
-    Close,
-    Effect,
-    Send,
-    Session,
-    SetPresence,
-    StartTyping,
-    State,
-    Subscribe,
-    Unsubscribe,
-)
+from adapters.shell.live import LiveSession, Work
+from adapters.shell.metrics import Metrics
+from domain.codec import CloseCode
+from domain.effects import Close, Send
+from domain.ports import Clock, MessageTooBig, Transport, TransportClosed
+from domain.session import State
 
-if TYPE_CHECKING:
-    from adapters.shell.gateway import Gateway
+
+class SessionHost(Protocol):
+    """What a connection needs from the instance that serves it."""
+
+    async def handle(self, live: LiveSession, effect: Work) -> Sequence[Work]:
+        """Carry out one effect that needs the world; return the session's answer."""
+        ...
+
+    async def closed(self, conn: Connection) -> None:
+        """The connection ended: release what its session held (runs shielded)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SocketLimits:
+    outbound_max_frames: int
+    outbound_max_bytes: int
+    #: Seconds a close handshake may take before the socket is abandoned.
+    close_timeout: float
 
 
 class Connection:
     __slots__ = (
+        "_clock",
         "_close",
         "_close_deadline",
+        "_event_class",
         "_group",
+        "_host",
+        "_limits",
+        "_metrics",
         "_send_scope",
         "_wake",
         "close_code",
-        "gateway",
+        "closing",
+        "live",
         "opened_at",
         "outbound",
-        "presence_open",
         "queued_bytes",
-        "servers",
-        "session",
         "transport",
-        "user",
-        "user_routed",
     )
 
-    def __init__(self, gateway: Gateway, transport: Transport, session: Session) -> None:
-        self.gateway = gateway
+    def __init__(
+        self,
+        transport: Transport,
+        live: LiveSession,
+        host: SessionHost,
+        *,
+        limits: SocketLimits,
+        metrics: Metrics,
+        clock: Clock,
+    ) -> None:
         self.transport = transport
-        self.session = session
-        self.opened_at = session.connected_at
-        self.user: User | None = None
-        #: The servers the user was a member of at READY (for presence broadcasts).
-        self.servers: tuple[Server, ...] = ()
-        #: Set once the shell routed ``ws:user:{id}`` here / opened a presence session.
-        self.user_routed = False
-        self.presence_open = False
+        self.live = live
+        self._host = host
+        self._limits = limits
+        self._metrics = metrics
+        self._clock = clock
+        self.opened_at = live.session.connected_at
         self.outbound: deque[str] = deque()
         self.queued_bytes = 0
         self.close_code: int | None = None
         self._close: Close | None = None
         #: anyio time by which the transport must be gone once ``_close`` is set.
         self._close_deadline = 0.0
-        self._wake = gateway.new_event()
+        #: Set once the gateway decided to close (read on every delivery: a plain slot).
+        self.closing = False
+        # The running backend's Event class, found once (the sender makes one per wake).
+        self._wake = anyio.Event()
+        self._event_class = type(self._wake)
         self._send_scope: anyio.CancelScope | None = None
         self._group: anyio.abc.TaskGroup | None = None
+        live.attach(self)
 
-    @property
-    def user_id(self) -> UserId | None:
-        return self.session.user_id
+    # --- the interpreter ----------------------------------------------------------
 
-    @property
-    def closing(self) -> bool:
-        return self._close is not None
-
-    @property
-    def close_side(self) -> str:
-        """Who started the close: ``server`` once the gateway decided, else ``client``."""
-        return "server" if self._close is not None else "client"
+    async def perform(self, effects: Sequence[Work]) -> None:
+        """Run effects in order; a host's answer runs before the effects after it."""
+        pending = deque(effects)
+        while pending:
+            effect = pending.popleft()
+            if isinstance(effect, Send):
+                self.enqueue(effect.text)
+                if effect.error is not None:
+                    self._metrics.errors.labels(effect.error).inc()
+            elif isinstance(effect, Close):
+                self._closed_by_session(effect)
+            else:
+                answer = await self._host.handle(self.live, effect)
+                pending.extendleft(reversed(answer))
 
     # --- outbound -----------------------------------------------------------------
-
-    def deliver(self, template: DispatchTemplate) -> None:
-        """Queue a dispatch for this connection (READY sessions only)."""
-        if self.session.state is State.READY and self._close is None:
-            self.enqueue(self.session.stamp(template))
-            self.gateway.metrics.hot.deliveries += 1
 
     def enqueue(self, text: str) -> None:
         if self._close is not None:
             return
-        settings = self.gateway.settings
         self.outbound.append(text)
         self.queued_bytes += len(text)
+        limits = self._limits
         if (
-            len(self.outbound) > settings.outbound_max_frames
-            or self.queued_bytes > settings.outbound_max_bytes
+            len(self.outbound) > limits.outbound_max_frames
+            or self.queued_bytes > limits.outbound_max_bytes
         ):
-            self.gateway.metrics.slow_consumers.inc()
+            self._metrics.slow_consumers.inc()
             self.abort(CloseCode.SLOW_CONSUMER, "slow consumer")
             return
         self._wake.set()
@@ -121,14 +149,14 @@ class Connection:
     def request_close(self, code: int, reason: str) -> None:
         """Close after the frames already queued have been sent."""
         if self._close is None:
-            self.session.close(code, reason)
+            self.live.session.close(code, reason)
             self._decided(Close(code, reason))
             self._wake.set()
 
     def abort(self, code: int, reason: str) -> None:
         """Close now, dropping whatever is queued (slow consumer)."""
         if self._close is None:
-            self.session.close(code, reason)
+            self.live.session.close(code, reason)
             self._decided(Close(code, reason))
         self.outbound.clear()
         self.queued_bytes = 0
@@ -136,11 +164,25 @@ class Connection:
             self._send_scope.cancel()
         self._wake.set()
 
+    def _closed_by_session(self, close: Close) -> None:
+        # The session already moved to CLOSED; remember why and wake the sender.
+        if self._close is None:
+            self._decided(close)
+            if close.code == CloseCode.RATE_LIMITED:
+                self._metrics.rate_limited.inc()
+            self._wake.set()
+
+    @property
+    def close_side(self) -> str:
+        """Who started the close: ``server`` once the gateway decided, else ``client``."""
+        return "server" if self._close is not None else "client"
+
     def _decided(self, close: Close) -> None:
         """The gateway decided to close: start the close deadline."""
         self._close = close
+        self.closing = True
         self.close_code = close.code
-        self._close_deadline = anyio.current_time() + self.gateway.settings.close_timeout
+        self._close_deadline = anyio.current_time() + self._limits.close_timeout
         if self._send_scope is not None:
             self._send_scope.deadline = self._close_deadline
 
@@ -169,8 +211,9 @@ class Connection:
 
     async def _pump(self) -> None:
         outbound = self.outbound
-        hot = self.gateway.metrics.hot
+        hot = self._metrics.hot
         send = self.transport.send
+        new_event = self._event_class
         while True:
             while outbound:
                 text = outbound.popleft()
@@ -180,7 +223,7 @@ class Connection:
                 hot.bytes_out += len(text)
             if self._close is not None:
                 return
-            self._wake = self.gateway.new_event()
+            self._wake = new_event()
             await self._wake.wait()
 
     # --- inbound ------------------------------------------------------------------
@@ -200,19 +243,19 @@ class Connection:
         finally:
             self._group = None
             with anyio.CancelScope(shield=True):
-                await self.gateway.teardown(self)
+                await self._host.closed(self)
 
     async def _read(self) -> None:
-        session = self.session
-        clock = self.gateway.clock
-        hot = self.gateway.metrics.hot
+        session = self.live.session
+        clock = self._clock
+        hot = self._metrics.hot
         while session.state is not State.CLOSED:
+            raw: str | bytes | None = None
             if session.state is State.AWAITING_IDENTIFY:
-                raw: str | bytes | None = None
                 with anyio.move_on_after(max(0.0, session.identify_deadline - clock.monotonic())):
                     raw = await self._receive_one()
                 if raw is None:
-                    await self.apply(session.check_timers(clock.monotonic()))
+                    await self.perform(session.check_timers(clock.monotonic()))
                     continue
             else:
                 raw = await self._receive_one()
@@ -221,7 +264,7 @@ class Connection:
             hot.bytes_in += len(raw)
             effects = session.receive(raw, clock.monotonic())
             hot.frames_in[session.last_op or "none"] += 1
-            await self.apply(effects)
+            await self.perform(effects)
         # Closed by us: the sender finishes the close handshake. Keep reading (and
         # discarding) until the peer's close or the end of the transport.
         receive = self.transport.receive
@@ -231,45 +274,9 @@ class Connection:
 
     async def _receive_one(self) -> str | bytes | None:
         try:
-            raw = await self.transport.receive()
+            return await self.transport.receive()
         except MessageTooBig:
-            await self.apply(self.session.close(CloseCode.MESSAGE_TOO_BIG, "message too big"))
+            await self.perform(
+                self.live.session.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
+            )
             return None
-        return raw
-
-    # --- effects ------------------------------------------------------------------
-
-    def enqueue_effects(self, effects: list[Effect]) -> None:
-        for effect in effects:
-            if isinstance(effect, Send):
-                self.enqueue(effect.text)
-            elif isinstance(effect, Close):
-                self.request_close(effect.code, effect.reason)
-
-    async def apply(self, effects: list[Effect]) -> None:
-        gateway = self.gateway
-        for effect in effects:
-            if isinstance(effect, Send):
-                self.enqueue(effect.text)
-                if effect.error is not None:
-                    gateway.metrics.errors.labels(effect.error).inc()
-            elif isinstance(effect, Close):
-                self._close_from_session(effect)
-            elif isinstance(effect, Authenticate):
-                await gateway.authenticate(self, effect.token)
-            elif isinstance(effect, Subscribe):
-                await gateway.subscribe(self, effect.server_id)
-            elif isinstance(effect, Unsubscribe):
-                await gateway.unroute(self, effect.server_id)
-            elif isinstance(effect, StartTyping):
-                await gateway.start_typing(self, effect.channel_id)
-            elif isinstance(effect, SetPresence):
-                await gateway.set_presence(self, effect.status)
-
-    def _close_from_session(self, close: Close) -> None:
-        # The session already moved to CLOSED; remember why and wake the sender.
-        if self._close is None:
-            self._decided(close)
-            if close.code == CloseCode.RATE_LIMITED:
-                self.gateway.metrics.rate_limited.inc()
-            self._wake.set()

@@ -25,7 +25,6 @@ class PermissionCache:
         self._members: dict[ServerId, dict[UserId, tuple[float, Member | None]]] = {}
         #: server -> ids of its channels in ``_channels`` (invalidation without a scan)
         self._server_channels: dict[ServerId, set[ChannelId]] = {}
-        self.lookups = 0
 
     def _fresh(self, expires: float) -> bool:
         return expires > self._clock.monotonic()
@@ -34,7 +33,6 @@ class PermissionCache:
         hit = self._contexts.get(server_id)
         if hit is not None and self._fresh(hit[0]):
             return hit[1]
-        self.lookups += 1
         context = await self._directory.get_server_context(server_id)
         self._contexts[server_id] = (self._clock.monotonic() + self._ttl, context)
         if context is not None:
@@ -54,7 +52,6 @@ class PermissionCache:
         hit = self._channels.get(channel_id)
         if hit is not None and self._fresh(hit[0]):
             return hit[1]
-        self.lookups += 1
         channel = await self._directory.get_channel(channel_id)
         self._remember_channel(channel_id, self._clock.monotonic() + self._ttl, channel)
         return channel
@@ -75,7 +72,6 @@ class PermissionCache:
             else:
                 missing.append(uid)
         if missing:
-            self.lookups += 1
             fetched = await self._directory.get_members(server_id, missing)
             expires = self._clock.monotonic() + self._ttl
             for uid in missing:
@@ -115,9 +111,3 @@ class PermissionCache:
         members = self._members.get(server_id)
         if members is not None:
             members.pop(user_id, None)
-
-    def clear(self) -> None:
-        self._contexts.clear()
-        self._channels.clear()
-        self._members.clear()
-        self._server_channels.clear()

@@ -1,4 +1,10 @@
-"""Tunables of one gateway instance (parsed from the environment by entrypoints.config)."""
+"""Tunables of one gateway instance (parsed from the environment by entrypoints.config).
+
+One unit rule: every duration here is an integer number of milliseconds (``_ms``), as
+in the environment; the shell converts to seconds where it sleeps or sets a deadline,
+and the domain (``SessionConfig``) speaks seconds, like ``Clock.monotonic``. The one
+exception is what goes on the wire in milliseconds (HELLO's heartbeat interval).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from domain.session import SessionConfig
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
     session: SessionConfig = field(default_factory=SessionConfig)
-    heartbeat_sweep: float = 45.0
+    heartbeat_sweep_ms: int = 45_000
     typing_ttl_ms: int = 10_000
     max_payload_bytes: int = 65_536
     #: A connection whose queued outbound frames exceed either bound is closed 4010.
@@ -20,17 +26,17 @@ class GatewaySettings:
     max_connections: int = 0
     max_connections_per_user: int = 0
     #: Directory lookups for permissions are cached this long (invalidated by events).
-    permission_cache_ttl: float = 30.0
+    permission_cache_ttl_ms: int = 30_000
     #: Bound on any one backend call made for a client.
-    backend_timeout: float = 5.0
+    backend_timeout_ms: int = 5_000
     #: From the decision to close, how long the queued frames, the close frame and the
     #: peer's answer may take before the transport is aborted (PROTOCOL section 6).
-    close_timeout: float = 2.0
+    close_timeout_ms: int = 2_000
     #: On drain, sessions of this instance stay in the presence registry this long, so
     #: users who reconnect elsewhere do not flap offline (PROTOCOL 7: presence grace).
     presence_grace_ms: int = 15_000
     #: Bounded wait for connections to go during a drain.
-    drain_timeout: float = 10.0
+    drain_timeout_ms: int = 10_000
 
     @property
     def presence_ttl_ms(self) -> int:
@@ -38,3 +44,8 @@ class GatewaySettings:
         refreshed every third of it, reaped every half: a dead instance's users go
         offline within 1.5 heartbeat timeouts (PROTOCOL asks for 2)."""
         return int(self.session.heartbeat_timeout * 1000)
+
+
+def seconds(ms: int) -> float:
+    """A duration of the settings, in the seconds anyio sleeps and deadlines take."""
+    return ms / 1000.0

@@ -457,10 +457,10 @@ class GatewayServer:
     async def assert_clean(self) -> None:
         """PROTOCOL 5.5: once every client is gone nothing it held remains."""
         gateway = self.gateway
-        await eventually(lambda: not gateway.connections, what="all connections to end")
-        assert gateway.by_server == {}, gateway.by_server
-        assert gateway.by_user == {}, gateway.by_user
-        assert gateway.interest.channels() == {}, gateway.interest.channels()
+        await eventually(lambda: not gateway.snapshot().connections, what="all connections to end")
+        assert gateway.snapshot().servers == {}, gateway.snapshot().servers
+        assert gateway.snapshot().users == {}, gateway.snapshot().users
+        assert gateway.snapshot().interest == {}, gateway.snapshot().interest
         assert self.broker.subscribed_channels == frozenset(), self.broker.subscribed_channels
         assert self.presence.live_sessions() == {}, self.presence.live_sessions()
         assert self.presence.stored_statuses() == {}, self.presence.stored_statuses()
@@ -528,7 +528,7 @@ async def serve_gateway(
             if task.done():
                 task.result()  # raise the serve error
             raise AssertionError("the gateway did not start serving")
-        await eventually(lambda: server.gateway.running, what="the gateway to run")
+        await eventually(lambda: server.gateway.snapshot().running, what="the gateway to run")
         check = False
         try:
             yield server

@@ -195,8 +195,9 @@ async def test_refused_token_closes_4004(harness: GatewayServer, kind: str) -> N
     frames = await client.expect_close(4004)
     assert frames == [], f"no READY (or anything) before 4004: {frames}"
     # Nothing of the refused session remains routed.
-    await eventually(lambda: not harness.gateway.connections, what="the refused connection to go")
-    assert harness.gateway.by_user == {}
+    await eventually(lambda: not harness.gateway.snapshot().connections,
+                     what="the refused connection to go")
+    assert harness.gateway.snapshot().users == {}
 
 
 async def test_a_refused_token_does_not_disturb_other_connections(harness: GatewayServer) -> None:
@@ -339,7 +340,7 @@ async def test_shutdown_sends_reconnect_then_closes_1001(start_gateway: StartGat
         frames = await client.expect_close(1001)
         assert frames == [{"op": "RECONNECT", "d": None}], frames
     await asyncio.wait_for(stopping, WAIT * 3)
-    assert not server.gateway.connections
+    assert not server.gateway.snapshot().connections
 
 
 # --- cleanup on close (5.5) -------------------------------------------------------
@@ -361,16 +362,16 @@ async def test_closing_clients_leaves_nothing_behind(harness: GatewayServer) -> 
     await bob2.send_op("PRESENCE_UPDATE", {"status": "dnd"})
     await bob1.expect_event("PRESENCE_UPDATE", {"userId": "u2", "serverId": "s1",
                                                 "status": "dnd"})
-    assert set(gateway.by_server) == {"s1", "s2"}
-    assert set(gateway.by_user) == {"u1", "u2", "u3"}
-    assert len(gateway.connections) == 5
+    assert set(gateway.snapshot().servers) == {"s1", "s2"}
+    assert set(gateway.snapshot().users) == {"u1", "u2", "u3"}
+    assert len(gateway.snapshot().connections) == 5
 
     for client in (alice, bob1, bob2, carol, pending):
         await client.close()
-    await eventually(lambda: not gateway.connections, what="every connection to end")
-    assert gateway.by_server == {}
-    assert gateway.by_user == {}
-    assert gateway.interest.channels() == {}
+    await eventually(lambda: not gateway.snapshot().connections, what="every connection to end")
+    assert gateway.snapshot().servers == {}
+    assert gateway.snapshot().users == {}
+    assert gateway.snapshot().interest == {}
     assert harness.broker.subscribed_channels == frozenset()
     assert harness.presence.live_sessions() == {}
     for user_id in ("u1", "u2", "u3"):
@@ -392,6 +393,8 @@ async def test_a_dropped_tcp_connection_is_cleaned_up_like_a_close(
     raw.close()  # no close frame: the socket just goes away
     await alice.expect_event("PRESENCE_UPDATE", {"userId": "u2", "serverId": "s1",
                                                  "status": "offline"})
-    await eventually(lambda: len(harness.gateway.connections) == 1, what="the dropped one")
-    assert set(harness.gateway.by_user) == {"u1"}
-    assert harness.gateway.by_server == {"s1": {next(iter(harness.gateway.connections))}}
+    await eventually(lambda: len(harness.gateway.snapshot().connections) == 1,
+                     what="the dropped one")
+    assert set(harness.gateway.snapshot().users) == {"u1"}
+    snapshot = harness.gateway.snapshot()
+    assert snapshot.servers == {"s1": snapshot.connections}

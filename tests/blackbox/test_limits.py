@@ -124,7 +124,7 @@ async def test_a_consumer_that_stops_reading_is_closed_4010_and_others_keep_up(
     await reader.subscribe("s1")
     await stalled.send_op("SUBSCRIBE_SERVER", {"serverId": "s1"})
     await stalled.expect("SUBSCRIBED")
-    (stalled_conn,) = harness.gateway.by_user["u3"]
+    (stalled_id,) = harness.gateway.snapshot().users["u3"]
     # From here on the raw client reads nothing: its kernel buffers fill, then the
     # gateway's outbound queue for it grows past 64 KiB.
 
@@ -139,7 +139,7 @@ async def test_a_consumer_that_stops_reading_is_closed_4010_and_others_keep_up(
             assert frame["d"] == {"userId": "u3", "serverId": "s1", "status": "offline"}
             frame = await reader.recv_json()
         assert frame["op"] == "BULK" and frame["d"]["i"] == i, frame["op"]
-        if stalled_conn.closing:  # the gateway decided to close it
+        if stalled_id in harness.gateway.snapshot().closing:  # the gateway decided to close it
             slow_closed = True
             break
     assert slow_closed, f"the stalled client was not closed after {sent} events"
@@ -159,5 +159,6 @@ async def test_a_consumer_that_stops_reading_is_closed_4010_and_others_keep_up(
         while True:
             await stalled.recv_json(within=10)
     assert closed.value.code == 4010
-    await eventually(lambda: len(harness.gateway.connections) == 1, what="the stalled close")
+    await eventually(lambda: len(harness.gateway.snapshot().connections) == 1,
+                     what="the stalled close")
     assert await harness.metric('gateway_closes_total{code="4010",side="server"}') == 1

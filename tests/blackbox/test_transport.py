@@ -24,7 +24,7 @@ def heartbeat_of_bytes(size: int, char: str = "x") -> str:
 
 async def _released(harness: GatewayServer, remaining: int) -> None:
     """The closed connection is gone from the gateway (5.5), others stay."""
-    await eventually(lambda: len(harness.gateway.connections) == remaining,
+    await eventually(lambda: len(harness.gateway.snapshot().connections) == remaining,
                      what=f"{remaining} connection(s) to remain")
 
 

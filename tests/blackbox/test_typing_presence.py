@@ -177,7 +177,7 @@ async def test_invisible_to_offline_is_not_a_visible_change(harness: GatewayServ
     await bob.send_op("PRESENCE_UPDATE", {"status": "invisible"})
     await alice.expect_event("PRESENCE_UPDATE", _presence("u2", "s1", "offline"))
     await bob.close()
-    await eventually(lambda: "u2" not in harness.gateway.by_user, what="bob's close")
+    await eventually(lambda: "u2" not in harness.gateway.snapshot().users, what="bob's close")
     await assert_quiet(alice)
     assert await harness.presence.get_status("u2") is Status.OFFLINE
 
@@ -193,7 +193,7 @@ async def test_offline_is_broadcast_when_the_last_connection_closes(
     await dave.subscribe("s2")
 
     await bob1.close()
-    await eventually(lambda: len(harness.gateway.by_user.get("u2", ())) == 1,
+    await eventually(lambda: len(harness.gateway.snapshot().users.get("u2", ())) == 1,
                      what="bob1's close")
     await assert_quiet(alice, dave)
     assert await harness.presence.get_status("u2") is Status.ONLINE

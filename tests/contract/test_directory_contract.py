@@ -12,12 +12,10 @@ connections and statement timeouts.
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -37,6 +35,7 @@ from domain.model import (
     User,
 )
 from domain.ports import BackendUnavailable, Directory
+from tests.support.net import TcpProxy, free_port
 
 ALL_BITS = (1 << 53) - 1
 
@@ -101,88 +100,8 @@ class Subject:
     stored_status: Callable[[str], Awaitable[Status | None]]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 def _with_port(port: int) -> str:
     return f"postgresql://postgres@127.0.0.1:{port}/nowhere"
-
-
-class FlakyProxy:
-    """A TCP forwarder to Postgres that can be taken down (every connection cut,
-    new ones refused) and brought back on the same port: an outage of a shared
-    Postgres without touching it."""
-
-    def __init__(self, database_url: str) -> None:
-        url = urlsplit(database_url)
-        self._target = (url.hostname or "127.0.0.1", url.port or 5432)
-        self._url = url
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.port = _free_port()
-
-    @property
-    def dsn(self) -> str:
-        netloc = self._url.netloc.rsplit("@", 1)
-        host = f"127.0.0.1:{self.port}"
-        return urlunsplit(self._url._replace(
-            netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
-
-    async def up(self) -> None:
-        if self._server is None:
-            self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
-
-    async def down(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        await self._drain_tasks()
-        if server is not None:
-            await server.wait_closed()
-
-    async def _drain_tasks(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.add(writer)
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
-        except OSError:
-            writer.transport.abort()
-            self._writers.discard(writer)
-            self._tasks.discard(task)
-            return
-        self._writers.add(up_writer)
-        try:
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-        finally:
-            for w in (writer, up_writer):
-                w.transport.abort()
-                self._writers.discard(w)
-            self._tasks.discard(task)
-
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.transport.abort()
 
 
 async def _admin(database_url: str, schema: str | None = None) -> asyncpg.Connection[Any]:
@@ -205,8 +124,8 @@ async def pg_schema(database_url: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def proxy(database_url: str) -> AsyncIterator[FlakyProxy]:
-    flaky = FlakyProxy(database_url)
+async def proxy(database_url: str) -> AsyncIterator[TcpProxy]:
+    flaky = TcpProxy.for_url(database_url, 5432, listen_port=free_port())
     await flaky.up()
     try:
         yield flaky
@@ -497,7 +416,7 @@ async def test_ping(subject: Subject) -> None:
 @pytest.fixture
 async def down_postgres_directory(database_url: str) -> AsyncIterator[PostgresDirectory]:
     """A Postgres directory pointed at a port where nothing listens."""
-    directory = PostgresDirectory(_with_port(_free_port()), command_timeout=2.0)
+    directory = PostgresDirectory(_with_port(free_port()), command_timeout=2.0)
     try:
         yield directory
     finally:
@@ -537,15 +456,15 @@ async def test_every_call_raises_backend_unavailable_when_down(unavailable: Dire
 
 async def test_start_fails_clearly_when_postgres_is_down() -> None:
     with pytest.raises(BackendUnavailable, match="postgres"):
-        await PostgresDirectory.connect(_with_port(_free_port()), command_timeout=2.0)
+        await PostgresDirectory.connect(_with_port(free_port()), command_timeout=2.0)
 
 
 async def test_async_with_enters_while_postgres_is_down_and_works_once_it_is_up(
-    proxy: FlakyProxy, pg_schema: str, pg_conn: asyncpg.Connection[Any]
+    proxy: TcpProxy, pg_schema: str, pg_conn: asyncpg.Connection[Any]
 ) -> None:
     """The gateway starts with Postgres down; the directory connects when it can."""
     await proxy.down()
-    async with PostgresDirectory(proxy.dsn, command_timeout=2.0,
+    async with PostgresDirectory(proxy.url(), command_timeout=2.0,
                                  server_settings={"search_path": pg_schema}) as directory:
         with pytest.raises(BackendUnavailable):
             await directory.ping()
@@ -558,11 +477,11 @@ async def test_async_with_enters_while_postgres_is_down_and_works_once_it_is_up(
 
 
 async def test_an_outage_raises_backend_unavailable_then_heals(
-    proxy: FlakyProxy, pg_schema: str, pg_conn: asyncpg.Connection[Any]
+    proxy: TcpProxy, pg_schema: str, pg_conn: asyncpg.Connection[Any]
 ) -> None:
     """Postgres goes away (every connection cut, new ones refused), then comes back."""
     directory = await PostgresDirectory.connect(
-        proxy.dsn, min_size=2, max_size=4, command_timeout=2.0,
+        proxy.url(), min_size=2, max_size=4, command_timeout=2.0,
         server_settings={"search_path": pg_schema},
     )
     try:

@@ -32,7 +32,6 @@ from domain.codec import (
     decode_command,
     decode_envelope,
     dispatch_template,
-    dispatch_template_raw,
     encode_control,
     encode_envelope,
     encode_error,
@@ -286,8 +285,6 @@ def test_dispatch_frame_has_op_d_and_s(op: str, d: Any, seq: int) -> None:
     text = template.frame(seq)
     text.encode("utf-8")
     assert strict_loads(text) == {"op": op, "d": d, "s": seq}
-    raw = dispatch_template_raw(op, json.dumps(d)).frame(seq)
-    assert strict_loads(raw) == {"op": op, "d": d, "s": seq}
 
 
 @given(any_text, json_values)

@@ -20,22 +20,19 @@ from domain.codec import (
     UnsubscribeServer,
     dispatch_template,
 )
-from domain.model import Server, Status, User
-from domain.session import (
-    OP_TABLE,
+from domain.effects import (
     Authenticate,
     Close,
     Effect,
     Send,
-    Session,
-    SessionConfig,
     SetPresence,
-    SlidingWindow,
     StartTyping,
-    State,
     Subscribe,
     Unsubscribe,
 )
+from domain.model import Server, Status, User
+from domain.rate_limit import SlidingWindow
+from domain.session import OP_TABLE, Session, SessionConfig, State
 
 SID = "0d9b5f5e-1f0e-4a43-8d51-3c1e7c1f2a10"
 CONFIG = SessionConfig(

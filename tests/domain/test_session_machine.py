@@ -34,20 +34,18 @@ from hypothesis.stateful import (
 )
 
 from domain.codec import ErrorCode, dispatch_template
-from domain.model import Server, Status, User
-from domain.session import (
+from domain.effects import (
     Authenticate,
     Close,
     Effect,
     Send,
-    Session,
-    SessionConfig,
     SetPresence,
     StartTyping,
-    State,
     Subscribe,
     Unsubscribe,
 )
+from domain.model import Server, Status, User
+from domain.session import Session, SessionConfig, State
 
 #: A passing run takes about 10 s. Shrinking a failing one can take minutes: let it
 #: finish rather than be killed with an uninformative timeout.

@@ -32,7 +32,6 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -54,7 +53,7 @@ from adapters.clock import SystemClock
 from adapters.jwt import JwtIssuer
 from adapters.memory import MemoryDirectory
 from adapters.redis import RedisBroker, open_redis_backends
-from adapters.shell import Gateway
+from adapters.shell import Backends, Gateway, make_gateway
 from domain import keys
 from domain.fixtures import parse_directory
 from domain.model import DirectoryData
@@ -63,6 +62,7 @@ from entrypoints.bootstrap import build_gateway, make_verifier
 from entrypoints.config import Config
 from entrypoints.serve import serve_app
 from tests.blackbox.conftest import QUIET, TEST_SECRET, WAIT, Client, Closed, Frame, eventually
+from tests.support.net import TcpProxy, free_port
 
 __all__ = [
     "QUIET",
@@ -496,10 +496,12 @@ class Instance(Endpoint):
     async def assert_clean(self) -> None:
         """PROTOCOL 5.5 on this instance, once its clients are gone."""
         gateway = self.gateway
-        await eventually(lambda: not gateway.connections, what=f"{self.name}: connections end")
-        assert gateway.by_server == {}, gateway.by_server
-        assert gateway.by_user == {}, gateway.by_user
-        assert gateway.interest.channels() == {}, gateway.interest.channels()
+        await eventually(
+            lambda: not gateway.snapshot().connections, what=f"{self.name}: connections end"
+        )
+        assert gateway.snapshot().servers == {}, gateway.snapshot().servers
+        assert gateway.snapshot().users == {}, gateway.snapshot().users
+        assert gateway.snapshot().interest == {}, gateway.snapshot().interest
         broker = gateway.broker
         if isinstance(broker, RedisBroker):
             await eventually(
@@ -521,15 +523,10 @@ def redis_gateway_factory(
     @asynccontextmanager
     async def factory() -> AsyncIterator[Gateway]:
         async with open_redis_backends(redis_url) as (broker, typing_gate, presence):
-            yield Gateway(
-                broker=broker,
-                typing_gate=typing_gate,
-                presence=presence,
-                directory=directory,
-                tokens=make_verifier(config),
-                clock=SystemClock(),
-                settings=config.gateway,
+            backends = Backends(
+                broker, typing_gate, presence, directory, make_verifier(config), SystemClock()
             )
+            yield make_gateway(backends, config.gateway)
 
     return factory
 
@@ -572,7 +569,8 @@ async def serve_instance(
                 task.result()
             raise AssertionError(f"{name} did not start serving")
         await eventually(
-            lambda: getattr(app.state, "gateway", None) is not None and instance.gateway.running,
+            lambda: getattr(app.state, "gateway", None) is not None
+            and instance.gateway.snapshot().running,
             what=f"{name} to run",
         )
         yield instance
@@ -643,13 +641,6 @@ async def start_cluster(
 
 
 # --- subprocesses ----------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _socket_inode(local_port: int, remote_port: int) -> str | None:
@@ -798,125 +789,6 @@ def proxied_url(url: str, port: int, *, query: str | None = None) -> str:
     return urlunsplit(
         (parts.scheme, netloc, parts.path, query if query is not None else parts.query, "")
     )
-
-
-class TcpProxy:
-    """A TCP proxy to one backend, for faults that never touch the real server.
-
-    * :meth:`drop`: close every proxied connection (both sides), as a server restart
-      would; new connections are still accepted.
-    * :meth:`refuse`: drop, and reset every new connection at once (a server that is
-      down); :meth:`accept` ends that.
-    * :meth:`hang`: stop forwarding in both directions, sockets kept open (a hung
-      server or a silent partition), new connections included; :meth:`resume` ends it.
-    """
-
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
-        self.port = 0
-        self.accepted = 0
-        self._refusing = False
-        self._flowing = asyncio.Event()
-        self._flowing.set()
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
-
-    @classmethod
-    def for_url(cls, url: str, default_port: int) -> TcpProxy:
-        parts = urlsplit(url)
-        return cls(parts.hostname or "127.0.0.1", parts.port or default_port)
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    @property
-    def connections(self) -> int:
-        return len(self._pairs)
-
-    def drop(self) -> None:
-        for client_side, upstream in list(self._pairs):
-            client_side.close()
-            upstream.close()
-
-    def refuse(self) -> None:
-        self._refusing = True
-        self.drop()
-
-    def accept(self) -> None:
-        self._refusing = False
-
-    def hang(self) -> None:
-        self._flowing.clear()
-
-    def resume(self) -> None:
-        self._flowing.set()
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        self._refusing = True
-        self._flowing.set()
-        self.drop()
-        # Dropped pairs end on their own; cancel only what is still stuck after that.
-        pending = set(self._tasks)
-        if pending:
-            _, pending = await asyncio.wait(pending, timeout=2)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        if self._server is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self.accepted += 1
-        try:
-            if self._refusing:
-                sock = writer.get_extra_info("socket")
-                if sock is not None:  # close with RST, like a closed port
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                writer.transport.abort()
-                return
-            try:
-                up_reader, up_writer = await asyncio.open_connection(*self.target)
-            except OSError:
-                writer.transport.abort()
-                return
-            pair = (writer, up_writer)
-            self._pairs.add(pair)
-            pumps = [
-                asyncio.create_task(self._pump(reader, up_writer)),
-                asyncio.create_task(self._pump(up_reader, writer)),
-            ]
-            try:
-                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                # Closing the proxy: end quietly (asyncio's stream callback would log
-                # the cancellation of its handler task as an error).
-                pass
-            finally:
-                self._pairs.discard(pair)
-                for pump in pumps:
-                    pump.cancel()
-                await asyncio.gather(*pumps, return_exceptions=True)
-                for w in pair:
-                    w.close()
-        finally:
-            self._tasks.discard(task)
-
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while data := await reader.read(65536):
-                await self._flowing.wait()
-                if writer.is_closing():
-                    return
-                writer.write(data)
-                await writer.drain()
 
 
 @asynccontextmanager

@@ -18,15 +18,9 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from adapters.jwt import JwtIssuer
+from tests.support.net import free_port
 
 SECRET = "process-test-secret-0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:

@@ -12,7 +12,8 @@ from collections.abc import Callable
 import pytest
 
 from adapters.memory import MemoryPresenceStore, MemoryTypingGate
-from adapters.shell import Connection, Gateway
+from adapters.shell.live import LiveSession
+from adapters.shell.routing import Routes
 from domain.codec import DispatchTemplate
 from domain.model import PresenceChange, ServerId
 from simulation.cli import main
@@ -53,16 +54,25 @@ async def _reap_nothing(self: MemoryPresenceStore) -> list[PresenceChange]:
     return []  # a dead instance's sessions are never dropped
 
 
-_deliver = Connection.deliver
+_deliver = LiveSession.deliver
 
 
-def _deliver_twice(self: Connection, template: DispatchTemplate) -> None:
+def _deliver_twice(self: LiveSession, template: DispatchTemplate) -> bool:
     _deliver(self, template)
-    _deliver(self, template)
+    return _deliver(self, template)
 
 
-async def _unroute_nothing(self: Gateway, conn: Connection, server_id: ServerId) -> None:
+def _unroute_nothing(self: Routes, live: LiveSession, server_id: ServerId) -> None:
     return None  # subscriptions are never released
+
+
+async def _unroute_now_nothing(self: Routes, live: LiveSession, server_id: ServerId) -> None:
+    return None  # ... not even when the connection ends
+
+
+def _leak_subscriptions(mp: pytest.MonkeyPatch) -> None:
+    mp.setattr(Routes, "unroute", _unroute_nothing)
+    mp.setattr(Routes, "unroute_now", _unroute_now_nothing)
 
 
 BUGS: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], str, set[str]]] = {
@@ -77,13 +87,13 @@ BUGS: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], str, set[str]]] = {
         {PRESENCE, LEAKS},
     ),
     "double delivery": (
-        lambda mp: mp.setattr(Connection, "deliver", _deliver_twice),
+        lambda mp: mp.setattr(LiveSession, "deliver", _deliver_twice),
         EXACTLY_ONCE,
         {EXACTLY_ONCE},
     ),
     # Visible first as events after UNSUBSCRIBED, then as routes left at the end.
     "subscription leak": (
-        lambda mp: mp.setattr(Gateway, "unroute", _unroute_nothing),
+        _leak_subscriptions,
         RECIPIENTS,
         {RECIPIENTS, LEAKS},
     ),
@@ -104,7 +114,7 @@ def test_planted_bug_is_reported(monkeypatch: pytest.MonkeyPatch, bug: str) -> N
 def test_cli_exits_1_with_seed_invariant_and_trace(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(Connection, "deliver", _deliver_twice)
+    monkeypatch.setattr(LiveSession, "deliver", _deliver_twice)
     code = main(ARGS)
     out = capsys.readouterr().out
     assert code == 1

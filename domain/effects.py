@@ -1,0 +1,115 @@
+"""What passes between the session and the shell (see :mod:`domain.session`).
+
+*Effects* are what the session asks the shell to do; *outcomes* are what the shell
+reports back once it did it (or a timer fired), through ``Session.report``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from domain.codec import ErrorCode
+from domain.model import ChannelId, Server, ServerId, Status, User
+
+# --- effects: what the shell must do ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Queue this frame (already encoded, ``s`` already stamped) for the client.
+    ``error`` names the ERROR code when the frame is an ERROR (for metrics)."""
+
+    text: str
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticate:
+    """Verify the token, load the user, then call ``identified`` or ``identify_failed``."""
+
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """Check membership, route the server's events here, then ``subscribe_confirmed``."""
+
+    server_id: ServerId
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    """Stop routing the server's events here (before the UNSUBSCRIBED that follows)."""
+
+    server_id: ServerId
+
+
+@dataclass(frozen=True, slots=True)
+class StartTyping:
+    channel_id: ChannelId
+
+
+@dataclass(frozen=True, slots=True)
+class SetPresence:
+    status: Status
+
+
+Effect = Send | Close | Authenticate | Subscribe | Unsubscribe | StartTyping | SetPresence
+
+
+# --- inputs the shell reports back (outcomes of effects, timers) ---------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Identified:
+    """:class:`Authenticate` succeeded: the user, their servers and current status."""
+
+    user: User
+    servers: Sequence[Server]
+    status: Status
+
+
+@dataclass(frozen=True, slots=True)
+class IdentifyFailed:
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeConfirmed:
+    """:class:`Subscribe` succeeded: the server's events are routed here."""
+
+    server_id: ServerId
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """An effect the shell could not carry out for the client (FORBIDDEN, NOT_FOUND)."""
+
+    code: ErrorCode
+    message: str
+    op: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Removed:
+    """The session leaves a server: UNSUBSCRIBE_SERVER, or SERVER_MEMBER_REMOVE."""
+
+    server_id: ServerId
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired:
+    """The identify timer or the heartbeat sweep ran at ``now``."""
+
+    now: float
+
+
+Outcome = Identified | IdentifyFailed | SubscribeConfirmed | Refused | Removed | TimerFired
