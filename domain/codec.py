@@ -253,14 +253,16 @@ class InvalidEnvelope(ValueError):
     pass
 
 
-def decode_envelope(payload: bytes | str) -> Envelope:
-    """Validate an envelope from ``ws:server:*`` or ``ws:user:*`` (7a)."""
+def _document(payload: bytes | str) -> Any:
     try:
         # Strict UTF-8: json.loads(bytes) would also accept UTF-16/32 and surrogates.
         text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
-        doc = _loads(text)
+        return _loads(text)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise InvalidEnvelope("not UTF-8 JSON") from exc
+
+
+def _envelope(doc: Any) -> Envelope:
     if not isinstance(doc, dict):
         raise InvalidEnvelope("not an object")
     event = doc.get("event")
@@ -276,6 +278,37 @@ def decode_envelope(payload: bytes | str) -> Envelope:
     if exclude is not None and not isinstance(exclude, str):
         raise InvalidEnvelope("'excludeUserId' must be a string or null")
     return Envelope(op, event.get("d"), channel_id, exclude)
+
+
+def decode_envelope(payload: bytes | str) -> Envelope:
+    """Validate an envelope from ``ws:server:*`` or ``ws:user:*`` (7a)."""
+    return _envelope(_document(payload))
+
+
+@dataclass(frozen=True, slots=True)
+class PublishRequest:
+    """The body of ``POST /api/publish``: an envelope and exactly one target."""
+
+    envelope: Envelope
+    server_id: ServerId | None = None
+    user_id: UserId | None = None
+
+
+def decode_publish_request(payload: bytes | str) -> PublishRequest:
+    """PROTOCOL section 8, HTTP: the envelope rules plus exactly one of ``serverId``
+    and ``userId`` (a non-empty string); ``channelId`` and ``excludeUserId`` only with
+    ``serverId``. Raises :class:`InvalidEnvelope` with the reason."""
+    doc = _document(payload)
+    envelope = _envelope(doc)
+    server_id, user_id = doc.get("serverId"), doc.get("userId")
+    for name, value in (("serverId", server_id), ("userId", user_id)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise InvalidEnvelope(f"'{name}' must be a non-empty string")
+    if (server_id is None) == (user_id is None):
+        raise InvalidEnvelope("exactly one of 'serverId' and 'userId' is required")
+    if user_id is not None and (envelope.channel_id or envelope.exclude_user_id) is not None:
+        raise InvalidEnvelope("'channelId' and 'excludeUserId' apply only with 'serverId'")
+    return PublishRequest(envelope, server_id, user_id)
 
 
 def encode_envelope(

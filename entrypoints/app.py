@@ -17,6 +17,7 @@ from adapters.shell import Gateway
 from adapters.websocket import StarletteTransport
 from entrypoints.bootstrap import build_gateway
 from entrypoints.config import Config
+from entrypoints.http_api import publish_route
 
 GatewayFactory = Callable[[], AbstractAsyncContextManager[Gateway]]
 
@@ -96,6 +97,7 @@ def create_app(
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
+            publish_route(cfg),
         ],
         lifespan=lifespan,
     )

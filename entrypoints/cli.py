@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from adapters.jwt import JwtIssuer
 from domain.fixtures import FixtureError
-from entrypoints import logs
+from entrypoints import client_cli, logs
 from entrypoints.bootstrap import open_directory
 from entrypoints.config import Config, ConfigError, load_fixture_file
 
@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     load = db_sub.add_parser("load", help="load a fixture file (PROTOCOL section 11)")
     load.add_argument("file")
     db.set_defaults(func=cmd_db)
+
+    client_cli.add_commands(sub, _config)  # connect, publish
 
     simulate = sub.add_parser("simulate", help="run the multi-instance simulation", add_help=False)
     simulate.add_argument("rest", nargs=argparse.REMAINDER)

@@ -15,6 +15,8 @@ from domain.session import SessionConfig
 
 #: Used only by the memory-backed server when GATEWAY_JWT_SECRET is unset (loudly).
 DEV_JWT_SECRET = "dev-secret-do-not-use-in-production"
+#: The HTTP publish API key of a development gateway (same condition as the secret).
+DEV_API_KEY = "dev-api-key-do-not-use-in-production"
 
 
 class ConfigError(ValueError):
@@ -47,6 +49,7 @@ class Config:
     jwt_public_key: str | None = None
     database_pool_size: int = 10
     log_format: str = "text"
+    api_key: str | None = field(default=None, repr=False)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
 
     @property
@@ -68,6 +71,13 @@ class Config:
     @property
     def using_dev_secret(self) -> bool:
         return not self.jwt_secret and not self.uses_external_backends
+
+    def effective_api_key(self) -> str | None:
+        """GATEWAY_API_KEY, the development key in development mode, else None (the
+        HTTP publish API is off)."""
+        if self.api_key:
+            return self.api_key
+        return DEV_API_KEY if self.using_dev_secret else None
 
     def with_port(self, port: int) -> Config:
         return replace(self, port=port)
@@ -117,6 +127,7 @@ class Config:
             jwt_public_key=env.get("GATEWAY_JWT_PUBLIC_KEY") or None,
             database_pool_size=_int(env, "GATEWAY_DATABASE_POOL_SIZE", 10, 1),
             log_format=env.get("GATEWAY_LOG_FORMAT", "text"),
+            api_key=env.get("GATEWAY_API_KEY") or None,
             gateway=settings,
         )
 

@@ -486,9 +486,13 @@ GatewayHook = Callable[[Gateway], None]
 
 @asynccontextmanager
 async def serve_gateway(
-    env: Mapping[str, str] | None = None, *, customize: GatewayHook | None = None
+    env: Mapping[str, str] | None = None,
+    *,
+    customize: GatewayHook | None = None,
+    port: int = 0,
 ) -> AsyncIterator[GatewayServer]:
-    """Serve the app with memory backends on 127.0.0.1:<ephemeral> until the block ends."""
+    """Serve the app with memory backends on 127.0.0.1:<ephemeral> until the block ends
+    (on ``port`` when given, e.g. to restart a gateway where its clients expect it)."""
     config = Config.from_env({**BASE_ENV, **(env or {})})
 
     @asynccontextmanager
@@ -500,7 +504,8 @@ async def serve_gateway(
 
     app = create_app(config, gateway_factory)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
     sock.listen(128)
     sock.setblocking(False)
     server = GatewayServer(config, sock.getsockname()[1])
