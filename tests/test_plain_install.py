@@ -98,3 +98,10 @@ def test_gateway_token_runs_on_a_plain_install() -> None:
     result = _run_plain("token", "alice")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count(".") == 2  # a JWT
+
+
+def test_gateway_connect_and_publish_load_on_a_plain_install() -> None:
+    for command in ("connect", "publish"):
+        result = _run_plain(command, "--help")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "usage" in result.stdout.lower()
