@@ -353,7 +353,9 @@ async def test_200_hostile_connections_leave_no_descriptor(redis_url: str) -> No
             await beating
             for raw in clients:
                 raw.close()
-        assert after == baseline, (baseline, after)
+        # At most the baseline: it may hold one fewer, the startup probe's idle HTTP
+        # connection that Hypercorn lets go after its keep-alive timeout.
+        assert after <= baseline, (baseline, after)
         assert len(round_trips) >= 5
         assert max(round_trips) < 1.0, sorted(round_trips)[-5:]
         assert time.monotonic() - attacked < 10
