@@ -84,6 +84,10 @@ class Config:
             rate_limit_count=_int(env, "GATEWAY_RATE_LIMIT_COUNT", 120, 1),
             rate_limit_window=_int(env, "GATEWAY_RATE_LIMIT_WINDOW_MS", 60_000, 1) / ms,
             max_subscriptions=_int(env, "GATEWAY_MAX_SUBSCRIPTIONS", 200, 0),
+            resume_ttl=_int(env, "GATEWAY_RESUME_TTL_MS", 120_000, 0) / ms,
+            resume_buffer_frames=_int(env, "GATEWAY_RESUME_BUFFER_FRAMES", 1_024, 0),
+            replay_max_frames=_int(env, "GATEWAY_OUTBOUND_MAX_FRAMES", 2_048, 1),
+            replay_max_bytes=_int(env, "GATEWAY_OUTBOUND_MAX_BYTES", 1 << 20, 1),
         )
         settings = GatewaySettings(
             session=session,

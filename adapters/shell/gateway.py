@@ -29,6 +29,7 @@ from adapters.shell.metrics import Metrics
 from adapters.shell.permissions import PermissionCache
 from adapters.shell.presence import PresenceKeeper
 from adapters.shell.publisher import BACKEND_ERRORS, Publisher
+from adapters.shell.resume import Resumer
 from adapters.shell.routing import Routes
 from adapters.shell.settings import GatewaySettings, seconds
 from adapters.shell.snapshot import GatewaySnapshot
@@ -102,6 +103,14 @@ class Gateway:
             backend_timeout=timeout,
             metrics=self.metrics,
         )
+        self.resumer = Resumer(
+            tokens=tokens,
+            directory=directory,
+            clock=clock,
+            settings=s,
+            metrics=self.metrics,
+            release=self._release,
+        )
         self.handlers = Handlers(
             tokens=tokens,
             directory=directory,
@@ -112,6 +121,7 @@ class Gateway:
             permissions=permissions,
             presence=self.keeper,
             typing=typing,
+            resumer=self.resumer,
             on_closed=self.closed,
         )
         # The in-process publishing API (PROTOCOL section 8).
@@ -120,7 +130,8 @@ class Gateway:
         self.publish_to_user = self.publisher.publish_to_user
 
     def _sessions(self) -> Iterator[LiveSession]:
-        return (conn.live for conn in self.admission.connections)
+        yield from (conn.live for conn in self.admission.connections)
+        yield from self.resumer.all_parked()
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -136,6 +147,7 @@ class Gateway:
             group.start_soon(self.broker.run, self.fanout.on_message)
             group.start_soon(self._sweep_loop)
             group.start_soon(self.keeper.run)
+            group.start_soon(self.resumer.run)
             self.running = True
             task_status.started()
             try:
@@ -186,18 +198,14 @@ class Gateway:
         session = live.session
         if session.state is not State.CLOSED:
             session.close(conn.close_code or CloseCode.GOING_AWAY, "gone")
+        parked = self.resumer.park(live, conn.close_code, conn.close_side == "client")
         try:
-            with anyio.move_on_after(2 * seconds(self.settings.backend_timeout_ms)):
-                for server_id in list(session.subscriptions):
-                    await self.routes.unroute_now(live, server_id)
-                # The user is routed (and may hold a presence session) before READY sets
-                # session.user_id: an IDENTIFY that failed after routing must clean up too.
-                user_id = live.user_id
-                if user_id is not None:
-                    await self.routes.unroute_user(live, user_id)
-                    await self.keeper.close(live, user_id)
+            if not parked:  # parked: routes and presence stay until it ends (section 13)
+                self.resumer.forget(live)
+                await self._release(live)
         finally:
-            live.detach()
+            if not parked:
+                live.detach()
             self.admission.left(conn)
             self.metrics.closes.labels(str(conn.close_code), conn.close_side).inc()
             log.info(
@@ -210,6 +218,18 @@ class Gateway:
                     "duration_s": round(self.clock.monotonic() - conn.opened_at, 3),
                 },
             )
+
+    async def _release(self, live: LiveSession) -> None:
+        """Release what a session held: its routes, then its presence."""
+        with anyio.move_on_after(2 * seconds(self.settings.backend_timeout_ms)):
+            for server_id in list(live.session.subscriptions):
+                await self.routes.unroute_now(live, server_id)
+            # The user is routed (and may hold a presence session) before READY sets
+            # session.user_id: an IDENTIFY that failed after routing must clean up too.
+            user_id = live.user_id
+            if user_id is not None:
+                await self.routes.unroute_user(live, user_id)
+                await self.keeper.close(live, user_id)
 
     # --- introspection ------------------------------------------------------------
 
@@ -227,4 +247,5 @@ class Gateway:
             servers=self.routes.servers(),
             users=self.routes.users(),
             interest=self.routes.interest.channels(),
+            parked=frozenset(live.session_id for live in self.resumer.parked),
         )

@@ -458,6 +458,10 @@ class GatewayServer:
         """PROTOCOL 5.5: once every client is gone nothing it held remains."""
         gateway = self.gateway
         await eventually(lambda: not gateway.snapshot().connections, what="all connections to end")
+        # Sessions parked for RESUME (section 13: TCP loss, 4009...) hold their routes and
+        # presence until they end: end them, then nothing may remain.
+        await gateway.resumer.end_all()
+        assert gateway.snapshot().parked == frozenset()
         assert gateway.snapshot().servers == {}, gateway.snapshot().servers
         assert gateway.snapshot().users == {}, gateway.snapshot().users
         assert gateway.snapshot().interest == {}, gateway.snapshot().interest
