@@ -81,12 +81,26 @@ class ReplayBuffer:
         return True
 
     def park(self, next_s: int) -> None:
-        self.parked_from = next_s
+        if self.parked_from is None:  # from the close decision on, all is kept
+            self.parked_from = next_s
 
     def attach(self) -> None:
         """Attached again: back to keeping the last ``buffer_frames``."""
         self.parked_from = None
         self._trim()
+
+    def items(self) -> list[tuple[int, DispatchTemplate]]:
+        return list(self._frames)
+
+    def hand_in(
+        self, earlier: list[tuple[int, DispatchTemplate]], offset: int, parked_from: int | None
+    ) -> None:
+        """A handoff from another instance: its kept frames go first, and ours (kept
+        from ``s`` 1 while we waited for them) move up by ``offset``."""
+        frames = [*earlier, *((s + offset, t) for s, t in self._frames)]
+        self._frames = deque(frames)
+        self._bytes = sum(_cost(s, t) for s, t in frames)
+        self.parked_from = parked_from if parked_from is not None else offset + 1
 
     def covers(self, seq: int, last: int) -> bool:
         """A resume from ``seq`` (the last ``s`` the client saw) can be replayed."""

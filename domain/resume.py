@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from domain.codec import INVALID_SESSION_FRAME, Resume
+from domain.codec import INVALID_SESSION_FRAME, DispatchTemplate, Resume
 from domain.effects import (
     Adopted,
     Dropped,
@@ -75,3 +75,28 @@ def parked_timer(session: Session, outcome: TimerFired, now: float) -> list[Effe
     if outcome.now >= session.parked_at + session.config.resume_ttl:
         session.state = State.CLOSED
     return []
+
+
+# --- a session handed in from another instance (not table rows: no input drives them) --
+
+
+def arrive(session: Session, user_id: str, subscriptions: list[str], now: float) -> None:
+    """A session parked on another instance is coming here: it is PARKED at once (it
+    keeps, from ``s`` 1, what reaches it here) until its owner's frames arrive."""
+    session.user_id = user_id
+    session.subscriptions = set(subscriptions)
+    session.was_ready = True
+    session.state = State.PARKED
+    session.parked_at = now
+    session.replay.park(1)
+
+
+def hand_in(
+    session: Session,
+    earlier: list[tuple[int, DispatchTemplate]],
+    next_s: int,
+    parked_from: int | None,
+) -> None:
+    """The owner's kept frames (``s`` < ``next_s``): ours continue after them."""
+    session.replay.hand_in(earlier, next_s - 1, parked_from)
+    session.seq += next_s - 1

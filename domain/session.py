@@ -369,20 +369,22 @@ class Session:
             return []
         self.was_ready = self.state is State.READY
         self.state = State.CLOSED
+        if self.was_ready:  # it may park: keep what comes while the socket closes
+            self.replay.park(self.seq + 1)
         return [Close(code, reason)]
 
     # --- resume (section 13; the rows' actions live in domain.resume) --------------
 
-    def can_resume(self, seq: int) -> bool:
-        """A RESUME from ``seq`` can take this session over (parked or a zombie)."""
+    def can_resume(self, seq: int) -> bool:  # parked, or a zombie's takeover
         return self.state in (State.PARKED, State.READY) and self.replay.covers(seq, self.seq)
 
     def keep(self, template: DispatchTemplate) -> bool:
-        """A dispatch for a parked session; False (and CLOSED) when over a bound."""
+        """A dispatch for a parked (or closing) session; False when over a bound."""
         self.seq += 1
         if self.replay.record(self.seq, template):
             return True
         self.state = State.CLOSED
+        self.was_ready = False  # it kept too much: it may not park any more
         return False
 
     # --- dispatch sequence --------------------------------------------------------

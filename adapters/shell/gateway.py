@@ -24,6 +24,7 @@ from adapters.shell.connection import Connection, SocketLimits
 from adapters.shell.drain import Drain
 from adapters.shell.fanout import FanOut
 from adapters.shell.handlers import Handlers
+from adapters.shell.handoff import Handoff
 from adapters.shell.live import LiveSession
 from adapters.shell.metrics import Metrics
 from adapters.shell.permissions import PermissionCache
@@ -111,6 +112,19 @@ class Gateway:
             metrics=self.metrics,
             release=self._release,
         )
+        self.handoff = Handoff(
+            broker=broker,
+            routes=self.routes,
+            resumer=self.resumer,
+            keeper=self.keeper,
+            instance_id=self.instance_id,
+            clock=clock,
+            config=s.session,
+            timeout=timeout,
+            ask_timeout=seconds(s.handoff_ask_ms),
+        )
+        self.resumer.remote = self.handoff.take
+        self.fanout.intercept = self.handoff.intercept
         self.handlers = Handlers(
             tokens=tokens,
             directory=directory,
@@ -148,6 +162,8 @@ class Gateway:
             group.start_soon(self._sweep_loop)
             group.start_soon(self.keeper.run)
             group.start_soon(self.resumer.run)
+            if self.resumer.enabled:
+                group.start_soon(self.handoff.start, group)
             self.running = True
             task_status.started()
             try:
@@ -175,9 +191,12 @@ class Gateway:
 
     async def drain(self, timeout: float | None = None) -> None:
         """Graceful shutdown of this instance (see :mod:`adapters.shell.drain`)."""
-        await self.admission.drain(
-            seconds(self.settings.drain_timeout_ms) if timeout is None else timeout
-        )
+        budget = seconds(self.settings.drain_timeout_ms) if timeout is None else timeout
+        deadline = anyio.current_time() + budget
+        await self.admission.drain(budget)
+        # Parked sessions (the 1001s above among them) stay until resumed elsewhere.
+        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+            await self.resumer.wait_empty()
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -246,6 +265,8 @@ class Gateway:
             outbound_queued=sum(len(conn.outbound) for conn in conns),
             servers=self.routes.servers(),
             users=self.routes.users(),
-            interest=self.routes.interest.channels(),
+            interest={  # the clients' channels (not the handoff's own, gw:*)
+                c: n for c, n in self.routes.interest.channels().items() if c[:3] != "gw:"
+            },
             parked=frozenset(live.session_id for live in self.resumer.parked),
         )

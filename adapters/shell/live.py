@@ -66,6 +66,7 @@ class Outlet(Protocol):
 
 _READY = State.READY
 _PARKED = State.PARKED
+_CLOSED = State.CLOSED
 
 
 class LiveSession:
@@ -118,6 +119,9 @@ class LiveSession:
                 self.on_overflow(self)
             return False
         if outlet.closing or session.state is not _READY:
+            if session.was_ready and session.state is _CLOSED:
+                # Its socket is closing and it may park (section 13): keep it.
+                session.keep(template)
             return False
         outlet.enqueue(session.stamp(template))
         return True

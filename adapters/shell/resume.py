@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import TypeAlias
 
 import anyio
 
@@ -32,11 +33,14 @@ from adapters.shell.publisher import BACKEND_ERRORS
 from adapters.shell.settings import GatewaySettings, seconds
 from domain.codec import CloseCode
 from domain.effects import Adopted, Dropped, IdentifyFailed, Reclaim, ResumeRefused, TimerFired
-from domain.model import SessionId, UserId
+from domain.model import Server, SessionId, User, UserId
 from domain.ports import Clock, Directory, InvalidToken, TokenVerifier
 from domain.session import State
 
 log = logging.getLogger("gateway")
+
+#: Takes a session over from the instance that holds it (adapters.shell.handoff).
+Remote: TypeAlias = Callable[[SessionId, User, list[Server], int], Awaitable[LiveSession | None]]
 
 _AUTH_FAILED = IdentifyFailed(CloseCode.AUTHENTICATION_FAILED, "authentication failed")
 
@@ -67,6 +71,8 @@ class Resumer:
         self._overflowed: list[LiveSession] = []
         self._claims: set[SessionId] = set()
         self._wake = anyio.Event()
+        self.remote: Remote | None = None
+        self._emptied: anyio.Event | None = None
 
     @property
     def enabled(self) -> bool:
@@ -102,6 +108,38 @@ class Resumer:
         self._wake.set()
         return True
 
+    def _adopt_arrival(self, live: LiveSession) -> None:
+        self.sessions[live.session_id] = live
+        live.on_overflow = self._on_overflow
+        self.parked.add(live)
+        self._deadlines.append((live.session.parked_at + self._ttl, live))
+
+    def claim_for_handoff(self, live: LiveSession, user_id: UserId, seq: int) -> bool:
+        """Another instance asks for this session: claim it (parked; a zombie's
+        connection closes 4014 and the session parks as if it had dropped)."""
+        self._settle(live)
+        if self._refusal(live, user_id, seq) is not None:
+            return False
+        self._claims.add(live.session_id)
+        old = live.outlet
+        if old is not None:
+            old.let_go(CloseCode.SESSION_TAKEN_OVER, "session taken over")
+            live.detach()
+            live.session.close(CloseCode.SESSION_TAKEN_OVER, "handed off")
+            self.park(live, None, True)
+        return live.session.state is State.PARKED
+
+    def handed_off(self, live: LiveSession) -> None:
+        """Shipped to another instance: it is not ours any more (nothing to release)."""
+        self._claims.discard(live.session_id)
+        self.forget(live)
+        self._metrics.resumes.labels("handed_off").inc()
+
+    async def wait_empty(self) -> None:
+        while self.parked:
+            self._emptied = anyio.Event()
+            await self._emptied.wait()
+
     def _settle(self, live: LiveSession | None) -> None:
         """A session whose connection is still closing (a drain's RECONNECT and 1001
         were sent, the close handshake is under way) parks now if that close parks:
@@ -116,6 +154,8 @@ class Resumer:
         if live in self.parked:
             self.parked.discard(live)
             self._metrics.parked_sessions.set(len(self.parked))
+            if not self.parked and self._emptied is not None:
+                self._emptied.set()
 
     def _on_overflow(self, live: LiveSession) -> None:
         self._overflowed.append(live)
@@ -165,6 +205,18 @@ class Resumer:
             metrics.resumes.labels("auth_failed").inc()
             return fresh.report(_AUTH_FAILED)
         target = self.sessions.get(sid)
+        if target is None and why == "unknown" and self.enabled and self.remote is not None:
+            # Not held here: ask the instance that holds it (never a partial replay).
+            try:
+                with anyio.fail_after(self._timeout):
+                    servers = await self._directory.get_user_servers(user_id)
+            except BACKEND_ERRORS:
+                servers = None
+            target = None if servers is None else await self.remote(sid, user, servers, effect.seq)
+            if target is not None:
+                self._adopt_arrival(target)
+                why = None
+            metrics.resumes.labels("handed_in" if target else "remote_unknown").inc()
         self._settle(target)
         if why is None:  # again: the session may have ended or moved while we waited
             why = self._refusal(target, user_id, effect.seq)
@@ -216,6 +268,7 @@ class Resumer:
         if live not in self.parked:
             return
         live.session.state = State.CLOSED
+        self._claims.discard(live.session_id)
         self.forget(live)
         self._metrics.parked_ended.labels(reason).inc()
         with anyio.CancelScope(shield=True):

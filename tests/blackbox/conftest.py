@@ -465,7 +465,11 @@ class GatewayServer:
         assert gateway.snapshot().servers == {}, gateway.snapshot().servers
         assert gateway.snapshot().users == {}, gateway.snapshot().users
         assert gateway.snapshot().interest == {}, gateway.snapshot().interest
-        assert self.broker.subscribed_channels == frozenset(), self.broker.subscribed_channels
+        # Only the instance's own RESUME handoff channels (section 13) stay subscribed.
+        handoff = {"gw:resume", "gw:instance:" + gateway.instance_id}
+        if not gateway.resumer.enabled:
+            handoff = set()
+        assert self.broker.subscribed_channels == handoff, self.broker.subscribed_channels
         assert self.presence.live_sessions() == {}, self.presence.live_sessions()
         assert self.presence.stored_statuses() == {}, self.presence.stored_statuses()
 

@@ -372,7 +372,8 @@ async def test_closing_clients_leaves_nothing_behind(harness: GatewayServer) -> 
     assert gateway.snapshot().servers == {}
     assert gateway.snapshot().users == {}
     assert gateway.snapshot().interest == {}
-    assert harness.broker.subscribed_channels == frozenset()
+    # Only the instance's RESUME handoff channels (section 13) stay subscribed.
+    assert {c for c in harness.broker.subscribed_channels if not c.startswith("gw:")} == set()
     assert harness.presence.live_sessions() == {}
     for user_id in ("u1", "u2", "u3"):
         assert await harness.presence.get_status(user_id) is Status.OFFLINE

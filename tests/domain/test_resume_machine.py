@@ -73,7 +73,7 @@ class ResumeMachine(RuleBasedStateMachine):
         since = list(range(self.parked_from, last + 1))
         before = list(range(max(1, self.parked_from - BUFFER), self.parked_from))
         room = MAX_FRAMES - len(since)
-        return (before[len(before) - room :] if room > 0 else []) + since
+        return (before[max(0, len(before) - room) :] if room > 0 else []) + since
 
     # --- rules ------------------------------------------------------------------
 
