@@ -103,6 +103,8 @@ class Config:
             presence_grace_ms=_int(env, "GATEWAY_PRESENCE_GRACE_MS", 15_000, 1),
             drain_timeout_ms=_int(env, "GATEWAY_DRAIN_TIMEOUT_MS", 10_000, 0),
             close_timeout_ms=_int(env, "GATEWAY_CLOSE_TIMEOUT_MS", 2_000, 1),
+            # Memory backends: no other instance to hand parked sessions to on a drain.
+            drain_keeps_parked=bool(env.get("GATEWAY_REDIS_URL")),
         )
         algorithms = tuple(
             a.strip() for a in env.get("GATEWAY_JWT_ALGORITHMS", "HS256").split(",") if a.strip()

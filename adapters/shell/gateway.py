@@ -79,6 +79,7 @@ class Gateway:
         close_timeout, timeout = seconds(s.close_timeout_ms), seconds(s.backend_timeout_ms)
         self._limits = SocketLimits(s.outbound_max_frames, s.outbound_max_bytes, close_timeout)
         self.running = False
+        self._drained: anyio.Event | None = None
         permissions = PermissionCache(directory, clock, seconds(s.permission_cache_ttl_ms))
         self.publisher = Publisher(broker, self.metrics, timeout)
         self.routes = Routes(broker)
@@ -191,12 +192,21 @@ class Gateway:
 
     async def drain(self, timeout: float | None = None) -> None:
         """Graceful shutdown of this instance (see :mod:`adapters.shell.drain`)."""
-        budget = seconds(self.settings.drain_timeout_ms) if timeout is None else timeout
-        deadline = anyio.current_time() + budget
-        await self.admission.drain(budget)
-        # Parked sessions (the 1001s above among them) stay until resumed elsewhere.
-        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
-            await self.resumer.wait_empty()
+        if self._drained is not None:  # once per instance (serve.py and the lifespan)
+            await self._drained.wait()
+            return
+        self._drained = anyio.Event()
+        try:
+            budget = seconds(self.settings.drain_timeout_ms) if timeout is None else timeout
+            deadline = anyio.current_time() + budget
+            await self.admission.drain(budget)
+            if self.settings.drain_keeps_parked:
+                # The parked sessions (the 1001s above among them) stay until they are
+                # resumed on another instance, within the same budget.
+                with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                    await self.resumer.wait_empty()
+        finally:
+            self._drained.set()
 
     async def _sweep_loop(self) -> None:
         while True:
