@@ -37,16 +37,23 @@ from adapters.memory import (
     MemoryTypingGate,
 )
 from adapters.shell import Backends, Gateway, GatewaySettings, make_gateway
+from domain.fixtures import parse_directory
 from domain.model import Status, UserId
 from domain.ports import InvalidToken
 from domain.session import SessionConfig
-from entrypoints.config import demo_data
 from simulation.clock import VirtualClock
 from simulation.transport import MemoryTransport
 from simulation.world import new_virtual_loop
 
 USERS = ("u1", "u2", "u3")
 TTL = 20.0
+_DIRECTORY = {
+    "users": [{"id": u, "username": u, "displayName": u, "avatarUrl": None} for u in USERS],
+    "servers": [{"id": "s1", "name": "Home", "ownerId": "u1", "iconUrl": None}],
+    "roles": [],
+    "members": [{"serverId": "s1", "userId": u, "roleIds": []} for u in USERS],
+    "channels": [],
+}
 
 
 class _Tokens:
@@ -193,7 +200,7 @@ class ResumeSim:
         asyncio.get_running_loop().call_later(delay, callback, *args)  # type: ignore[arg-type]
 
     async def run(self, clock: VirtualClock) -> ResumeReport:
-        network, directory = MemoryBrokerNetwork(), MemoryDirectory(demo_data())
+        network, directory = MemoryBrokerNetwork(), MemoryDirectory(parse_directory(_DIRECTORY))
         presence = MemoryPresenceStore(clock)
         settings = GatewaySettings(
             session=SessionConfig(resume_ttl=TTL), drain_timeout_ms=10_000

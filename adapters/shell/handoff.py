@@ -199,6 +199,8 @@ class Handoff:
             return
         # Every channel is cut: ship what S kept and let it go (B holds its presence).
         del self._outgoing[nonce]
+        if live not in self._resumer.parked:  # it ended meanwhile (TTL): B times out
+            return
         session = live.session
         frames = [[s, t.op, t.head] for s, t in session.replay.items()]
         shipped = {
