@@ -16,6 +16,7 @@ from adapters.memory import (
     MemoryTypingGate,
 )
 from adapters.shell import Backends, Gateway, GatewaySettings, make_gateway
+from domain.session import SessionConfig
 from entrypoints.config import demo_data
 from simulation.clock import VirtualClock
 from simulation.world import new_virtual_loop
@@ -190,3 +191,59 @@ def test_a_drain_hands_every_session_to_the_other_instance_then_ends() -> None:
         assert all(f["op"] != "PRESENCE_UPDATE" for f in bob.pending())
 
     run_pair(test)
+
+
+def test_another_users_token_elsewhere_is_refused_and_the_session_stays() -> None:
+    async def test(pair: Pair) -> None:
+        alice = await pair.login(pair.a, "u1")
+        sid = sid_of(pair.a, "u1")
+        alice.drop()
+        await pair.until(lambda: sid in pair.a.snapshot().parked)
+        thief = await pair.connect(pair.b)
+        await thief.send_op("RESUME", {"token": "token:u2", "sessionId": sid, "seq": 1})
+        assert (await thief.recv())["op"] == "INVALID_SESSION"
+        assert sid in pair.a.snapshot().parked  # untouched
+        again = await resume(pair, pair.b, sid, 2)
+        assert (await again.recv())["op"] == "RESUMED"
+
+    run_pair(test)
+
+
+def test_two_resumes_of_one_session_on_two_instances_exactly_one_wins() -> None:
+    async def test(pair: Pair) -> None:
+        alice = await pair.login(pair.a, "u1")
+        sid = sid_of(pair.a, "u1")
+        alice.drop()
+        await pair.until(lambda: sid in pair.a.snapshot().parked)
+        here = await pair.connect(pair.a)
+        there = await pair.connect(pair.b)
+        d = {"token": "token:u1", "sessionId": sid, "seq": 2}
+        await there.send_op("RESUME", d)
+        await here.send_op("RESUME", d)
+        ops = sorted([(await here.recv())["op"], (await there.recv())["op"]])
+        assert ops == ["INVALID_SESSION", "RESUMED"], ops
+        held = [g for g in (pair.a, pair.b) if "u1" in g.snapshot().users]
+        assert len(held) == 1
+
+    run_pair(test)
+
+
+def test_a_resume_flood_is_answered_and_rate_limited() -> None:
+    settings = GatewaySettings(session=SessionConfig(rate_limit_count=20))
+
+    async def test(pair: Pair) -> None:
+        flood = await pair.connect(pair.b)
+        for i in range(19):
+            await flood.send_op("RESUME", {"token": "token:u1", "sessionId": f"x{i}", "seq": 0})
+            assert (await flood.recv())["op"] == "INVALID_SESSION"
+        await flood.send_op("RESUME", {"token": "token:u1", "sessionId": "x", "seq": 0})
+        await flood.recv()
+        await flood.send_op("HEARTBEAT")
+        await flood.closed.wait()
+        assert flood.close_code == 4008
+        assert pair.b.snapshot().parked == frozenset()  # a refused RESUME keeps nothing
+        ok = await pair.login(pair.b, "u2")  # and the instance serves on
+        await ok.send_op("HEARTBEAT")
+        assert (await ok.recv())["op"] == "HEARTBEAT_ACK"
+
+    run_pair(test, settings)
