@@ -381,11 +381,10 @@ class Session:
     def keep(self, template: DispatchTemplate) -> bool:
         """A dispatch for a parked (or closing) session; False when over a bound."""
         self.seq += 1
-        if self.replay.record(self.seq, template):
-            return True
-        self.state = State.CLOSED
-        self.was_ready = False  # it kept too much: it may not park any more
-        return False
+        kept = self.replay.record(self.seq, template)
+        if not kept:  # it kept too much: it ends, and may not park any more
+            self.state, self.was_ready = State.CLOSED, False
+        return kept
 
     # --- dispatch sequence --------------------------------------------------------
 
