@@ -40,6 +40,8 @@ class CloseCode:
     #: Not in PROTOCOL's table: connection caps (README, "Limits"). 4000-4999 is the
     #: application range; clients treat unknown codes as "reconnect later".
     TOO_MANY_CONNECTIONS = 4013
+    #: A RESUME of this session succeeded on another connection (PROTOCOL 13).
+    SESSION_TAKEN_OVER = 4014
 
 
 # --- client commands ---------------------------------------------------------------
@@ -75,7 +77,22 @@ class PresenceUpdate:
     status: Status
 
 
-Command = Identify | Heartbeat | SubscribeServer | UnsubscribeServer | TypingStart | PresenceUpdate
+@dataclass(frozen=True, slots=True)
+class Resume:
+    token: str
+    session_id: str
+    seq: int
+
+
+Command = (
+    Identify
+    | Heartbeat
+    | SubscribeServer
+    | UnsubscribeServer
+    | TypingStart
+    | PresenceUpdate
+    | Resume
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +153,23 @@ def _presence(d: object) -> Command | ProtocolError:
     return PresenceUpdate(Status(status))
 
 
+def _resume(d: object) -> Command | ProtocolError:
+    token = _field(d, "RESUME", "token")
+    if isinstance(token, ProtocolError):
+        return token
+    session_id = _field(d, "RESUME", "sessionId")
+    if isinstance(session_id, ProtocolError):
+        return session_id
+    assert isinstance(d, dict)
+    seq = d.get("seq")
+    # A JSON boolean is not an integer (bool is an int subclass in Python).
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        return ProtocolError(
+            ErrorCode.INVALID_PAYLOAD, "RESUME: 'd.seq' must be a non-negative integer", "RESUME"
+        )
+    return Resume(token, session_id, seq)
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -172,6 +206,7 @@ CLIENT_OPS: dict[str, ClientOp] = {
         ClientOp("UNSUBSCRIBE_SERVER", UnsubscribeServer, _unsubscribe),
         ClientOp("TYPING_START", TypingStart, _typing),
         ClientOp("PRESENCE_UPDATE", PresenceUpdate, _presence),
+        ClientOp("RESUME", Resume, _resume),
     )
 }
 _NAMES: dict[type[Command], str] = {op.command: op.name for op in CLIENT_OPS.values()}
@@ -221,6 +256,7 @@ def encode_error(error: ProtocolError) -> str:
 
 HEARTBEAT_ACK_FRAME = encode_control("HEARTBEAT_ACK", None)
 RECONNECT_FRAME = encode_control("RECONNECT", None)
+INVALID_SESSION_FRAME = encode_control("INVALID_SESSION", {"resumable": False})
 
 
 @dataclass(frozen=True, slots=True)

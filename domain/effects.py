@@ -61,7 +61,17 @@ class SetPresence:
     status: Status
 
 
-Effect = Send | Close | Authenticate | Subscribe | Unsubscribe | StartTyping | SetPresence
+@dataclass(frozen=True, slots=True)
+class Reclaim:
+    """RESUME: verify the token, find the session and take it over, then report
+    :class:`Adopted` (and attach the connection to it) or :class:`ResumeRefused`."""
+
+    token: str
+    session_id: str
+    seq: int
+
+
+Effect = Send | Close | Authenticate | Subscribe | Unsubscribe | StartTyping | SetPresence | Reclaim
 
 
 # --- inputs the shell reports back (outcomes of effects, timers) ---------------------
@@ -112,4 +122,46 @@ class TimerFired:
     now: float
 
 
-Outcome = Identified | IdentifyFailed | SubscribeConfirmed | Refused | Removed | TimerFired
+@dataclass(frozen=True, slots=True)
+class ResumeRefused:
+    """A RESUME that cannot be honoured: INVALID_SESSION, then IDENTIFY or RESUME again."""
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Adopted:
+    """A RESUME succeeded: this connection's own (fresh) session is dropped for it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """The session's connection ended with ``code``, closed by the client or not."""
+
+    code: int | None
+    by_client: bool
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Reattach:
+    """A connection takes the session over from ``seq``; ``rate`` is the stamps of the
+    frames that connection sent before (its rate window carries over, 13)."""
+
+    seq: int
+    now: float
+    rate: tuple[float, ...] = ()
+
+
+Outcome = (
+    Identified
+    | IdentifyFailed
+    | SubscribeConfirmed
+    | Refused
+    | Removed
+    | TimerFired
+    | ResumeRefused
+    | Adopted
+    | Dropped
+    | Reattach
+)

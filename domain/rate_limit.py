@@ -16,6 +16,16 @@ class SlidingWindow:
         self.window = window
         self._stamps: deque[float] = deque(maxlen=count)
 
+    @property
+    def stamps(self) -> tuple[float, ...]:
+        return tuple(self._stamps)
+
+    def merge(self, stamps: tuple[float, ...]) -> None:
+        """Add another window's accepted stamps (a resumed session keeps its window)."""
+        merged = sorted((*self._stamps, *stamps))
+        self._stamps.clear()
+        self._stamps.extend(merged)
+
     def admit(self, now: float) -> bool:
         stamps = self._stamps
         if len(stamps) == self.count and now - stamps[0] < self.window:

@@ -14,6 +14,8 @@ Theory of operation::
                      │  deadline (4003)               │ identify_failed() (4004/4000)
                      ▼                                ▼
                    CLOSED ◄───────────── close() / rate limit / heartbeat ───────
+    RESUME (section 13): READY ─close, Dropped─► PARKED ─Reattach─► READY; PARKED ─TTL,
+    kept too much─► CLOSED; the RESUME's own connection: see :mod:`domain.resume`.
 
 Two tables hold the transitions: :data:`OP_TABLE` maps (state, client command) and
 :data:`OUTCOME_TABLE` maps (state, shell outcome) to a :class:`Row` of (action, next
@@ -26,10 +28,8 @@ back with :meth:`Session.report` (:class:`Identified`, :class:`IdentifyFailed`,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from enum import Enum
-from typing import Any, Generic, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 from domain.codec import (
     CLIENT_OPS,
@@ -42,6 +42,7 @@ from domain.codec import (
     Identify,
     PresenceUpdate,
     ProtocolError,
+    Resume,
     SubscribeServer,
     TypingStart,
     UnsubscribeServer,
@@ -52,14 +53,18 @@ from domain.codec import (
     op_name,
 )
 from domain.effects import (
+    Adopted,
     Authenticate,
     Close,
+    Dropped,
     Effect,
     Identified,
     IdentifyFailed,
     Outcome,
+    Reattach,
     Refused,
     Removed,
+    ResumeRefused,
     Send,
     SetPresence,
     StartTyping,
@@ -70,53 +75,13 @@ from domain.effects import (
 )
 from domain.model import Server, ServerId, SessionId, Status, User, UserId
 from domain.rate_limit import SlidingWindow
+from domain.replay import ReplayBuffer
+from domain.resume import adopted, drop, parked_timer, reattach, resume, resume_refused
+from domain.table import Row, SessionConfig, State
+from domain.table import row as _row
+from domain.table import rows as _rows
 
-
-class State(Enum):
-    AWAITING_IDENTIFY = "awaiting_identify"
-    IDENTIFYING = "identifying"
-    READY = "ready"
-    CLOSED = "closed"
-
-
-@dataclass(frozen=True, slots=True)
-class SessionConfig:
-    identify_timeout: float = 5.0
-    heartbeat_interval_ms: int = 30_000
-    heartbeat_timeout: float = 60.0
-    rate_limit_count: int = 120
-    rate_limit_window: float = 60.0
-    max_subscriptions: int = 200
-
-
-# --- the tables ----------------------------------------------------------------------
-#
-# Two tables, read like h11's: state -> input type -> Row(action, next state). An
-# action is a function of (session, input[, now]) returning effects, or an ErrorCode to
-# answer with. ``next_state`` None keeps the state. An input absent from a state's row
-# is ignored there. Code is written only for what a row cannot hold (the rate limit,
-# malformed frames, which timer fired).
-
-C = TypeVar("C")
-
-
-@dataclass(frozen=True, slots=True)
-class Row(Generic[C]):
-    action: Callable[[Session, C, float], list[Effect]] | ErrorCode
-    next_state: State | None = None
-
-
-def _row(
-    kind: type[C],
-    action: Callable[[Session, C, float], list[Effect]] | ErrorCode,
-    next_state: State | None = None,
-) -> tuple[type, Row[Any]]:
-    """A typed row: mypy checks that ``action`` takes a ``kind``."""
-    return kind, Row(action, next_state)
-
-
-def _rows(*rows: tuple[type, Row[Any]]) -> dict[type, Row[Any]]:
-    return dict(rows)
+__all__ = ["OP_TABLE", "OUTCOME_TABLE", "Row", "Session", "SessionConfig", "State"]
 
 
 def _ack(session: Session, command: Heartbeat, now: float) -> list[Effect]:
@@ -161,6 +126,7 @@ _ALREADY_AUTHENTICATED = ErrorCode.ALREADY_AUTHENTICATED
 OP_TABLE: dict[State, dict[type, Row[Any]]] = {
     State.AWAITING_IDENTIFY: _rows(
         _row(Identify, _identify, State.IDENTIFYING),
+        _row(Resume, resume, State.IDENTIFYING),
         _row(Heartbeat, _ack),
         _row(SubscribeServer, _NOT_AUTHENTICATED),
         _row(UnsubscribeServer, _NOT_AUTHENTICATED),
@@ -169,6 +135,7 @@ OP_TABLE: dict[State, dict[type, Row[Any]]] = {
     ),
     State.IDENTIFYING: _rows(
         _row(Identify, _ALREADY_AUTHENTICATED),
+        _row(Resume, _ALREADY_AUTHENTICATED),
         _row(Heartbeat, _ack),
         _row(SubscribeServer, _NOT_AUTHENTICATED),
         _row(UnsubscribeServer, _NOT_AUTHENTICATED),
@@ -177,12 +144,14 @@ OP_TABLE: dict[State, dict[type, Row[Any]]] = {
     ),
     State.READY: _rows(
         _row(Identify, _ALREADY_AUTHENTICATED),
+        _row(Resume, _ALREADY_AUTHENTICATED),
         _row(Heartbeat, _ack),
         _row(SubscribeServer, _subscribe),
         _row(UnsubscribeServer, _unsubscribe),
         _row(TypingStart, _typing),
         _row(PresenceUpdate, _presence),
     ),
+    State.PARKED: {},  # no connection, no frames
     State.CLOSED: {},
 }
 
@@ -238,16 +207,25 @@ OUTCOME_TABLE: dict[State, dict[type, Row[Any]]] = {
     State.IDENTIFYING: _rows(
         _row(Identified, _identified, State.READY),
         _row(IdentifyFailed, _identify_failed, State.CLOSED),
+        _row(ResumeRefused, resume_refused, State.AWAITING_IDENTIFY),
+        _row(Adopted, adopted, State.CLOSED),
         _TIMER,
         _REFUSED,
     ),
     State.READY: _rows(
         _row(SubscribeConfirmed, _subscribe_confirmed),
         _row(Removed, _removed),
+        _row(Reattach, reattach),  # a zombie's takeover: the old connection closes 4014
         _TIMER,
         _REFUSED,
     ),
-    State.CLOSED: {},
+    State.PARKED: _rows(
+        _row(Reattach, reattach, State.READY),
+        _row(Removed, _removed),  # SERVER_MEMBER_REMOVE while parked: kept, replayed
+        _row(TimerFired, parked_timer),
+    ),
+    # Dropped parks a session that was READY when it closed (the action says PARKED).
+    State.CLOSED: _rows(_row(Dropped, drop)),
 }
 
 _ERROR_TEXT = {
@@ -262,12 +240,15 @@ class Session:
         "connected_at",
         "last_heartbeat",
         "last_op",
+        "parked_at",
         "rate",
+        "replay",
         "seq",
         "session_id",
         "state",
         "subscriptions",
         "user_id",
+        "was_ready",
     )
 
     def __init__(self, session_id: SessionId, config: SessionConfig, now: float) -> None:
@@ -282,6 +263,14 @@ class Session:
         self.user_id: UserId | None = None
         self.subscriptions: set[ServerId] = set()
         self.rate = SlidingWindow(config.rate_limit_count, config.rate_limit_window)
+        self.replay = ReplayBuffer(
+            config.resume_buffer_frames if config.resume_ttl > 0 else 0,
+            config.replay_max_frames,
+            config.replay_max_bytes,
+        )
+        self.parked_at = 0.0
+        #: True once a close ended a READY session (it may then park).
+        self.was_ready = False
 
     # --- connect and frames -------------------------------------------------------
 
@@ -378,14 +367,31 @@ class Session:
     def close(self, code: int, reason: str) -> list[Effect]:
         if self.state is State.CLOSED:
             return []
+        self.was_ready = self.state is State.READY
         self.state = State.CLOSED
+        if self.was_ready:  # it may park: keep what comes while the socket closes
+            self.replay.park(self.seq + 1)
         return [Close(code, reason)]
+
+    # --- resume (section 13; the rows' actions live in domain.resume) --------------
+
+    def can_resume(self, seq: int) -> bool:  # parked, or a zombie's takeover
+        return self.state in (State.PARKED, State.READY) and self.replay.covers(seq, self.seq)
+
+    def keep(self, template: DispatchTemplate) -> bool:
+        """A dispatch for a parked (or closing) session; False when over a bound."""
+        self.seq += 1
+        kept = self.replay.record(self.seq, template)
+        if not kept:  # it kept too much: it ends, and may not park any more
+            self.state, self.was_ready = State.CLOSED, False
+        return kept
 
     # --- dispatch sequence --------------------------------------------------------
 
     def stamp(self, template: DispatchTemplate) -> str:
         """The next dispatch frame of this connection: ``s`` is gapless from 1."""
         self.seq += 1
+        self.replay.record(self.seq, template)  # attached: never over a bound
         return template.frame(self.seq)
 
     def dispatch(self, op: str, d: object) -> str:

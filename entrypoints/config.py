@@ -94,6 +94,10 @@ class Config:
             rate_limit_count=_int(env, "GATEWAY_RATE_LIMIT_COUNT", 120, 1),
             rate_limit_window=_int(env, "GATEWAY_RATE_LIMIT_WINDOW_MS", 60_000, 1) / ms,
             max_subscriptions=_int(env, "GATEWAY_MAX_SUBSCRIPTIONS", 200, 0),
+            resume_ttl=_int(env, "GATEWAY_RESUME_TTL_MS", 120_000, 0) / ms,
+            resume_buffer_frames=_int(env, "GATEWAY_RESUME_BUFFER_FRAMES", 1_024, 0),
+            replay_max_frames=_int(env, "GATEWAY_OUTBOUND_MAX_FRAMES", 2_048, 1),
+            replay_max_bytes=_int(env, "GATEWAY_OUTBOUND_MAX_BYTES", 1 << 20, 1),
         )
         settings = GatewaySettings(
             session=session,
@@ -109,6 +113,8 @@ class Config:
             presence_grace_ms=_int(env, "GATEWAY_PRESENCE_GRACE_MS", 15_000, 1),
             drain_timeout_ms=_int(env, "GATEWAY_DRAIN_TIMEOUT_MS", 10_000, 0),
             close_timeout_ms=_int(env, "GATEWAY_CLOSE_TIMEOUT_MS", 2_000, 1),
+            # Memory backends: no other instance to hand parked sessions to on a drain.
+            drain_keeps_parked=bool(env.get("GATEWAY_REDIS_URL")),
         )
         algorithms = tuple(
             a.strip() for a in env.get("GATEWAY_JWT_ALGORITHMS", "HS256").split(",") if a.strip()

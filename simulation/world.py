@@ -31,6 +31,7 @@ from adapters.memory import (
     MemoryTypingGate,
 )
 from adapters.shell import Backends, GatewaySettings, make_gateway
+from domain.session import SessionConfig
 from simulation.clients import VirtualClient
 from simulation.clock import VirtualClock
 from simulation.faults import (
@@ -83,8 +84,16 @@ class SimConfig:
     def active_seconds(self) -> float:
         return self.minutes * 60.0
 
+    #: GATEWAY_RESUME_TTL_MS of the simulated instances. 0: the simulated clients do
+    #: not RESUME yet (they IDENTIFY after every drop), and a dropped session must end
+    #: at once for the presence and leak invariants as they are written today.
+    resume_ttl_ms: int = 0
+
     def settings(self) -> GatewaySettings:
-        return GatewaySettings(outbound_max_frames=self.outbound_max_frames)
+        return GatewaySettings(
+            outbound_max_frames=self.outbound_max_frames,
+            session=SessionConfig(resume_ttl=self.resume_ttl_ms / 1000.0),
+        )
 
     @property
     def tail_seconds(self) -> float:

@@ -31,12 +31,12 @@ from typing import Protocol
 import anyio
 import anyio.abc
 
-from adapters.shell.live import LiveSession, Work
+from adapters.shell.live import Adopt, LiveSession, Work
 from adapters.shell.metrics import Metrics
 from domain.codec import CloseCode
-from domain.effects import Close, Send
+from domain.effects import Close, Reattach, Send
 from domain.ports import Clock, MessageTooBig, Transport, TransportClosed
-from domain.session import State
+from domain.session import Session, State
 
 #: At most this many frames in one write to the transport.
 MAX_BATCH_FRAMES = 256
@@ -128,9 +128,62 @@ class Connection:
                     self._metrics.errors.labels(effect.error).inc()
             elif isinstance(effect, Close):
                 self._closed_by_session(effect)
+            elif isinstance(effect, Adopt):
+                pending.extendleft(reversed(self._adopt(effect)))
             else:
-                answer = await self._host.handle(self.live, effect)
+                live = self.live
+                answer = await self._host.handle(live, effect)
+                if self.live is not live:
+                    # Taken over while the handler ran (a RESUME on another connection):
+                    # its answer belongs to the session, wherever it is now.
+                    await self._forward(live, answer)
+                    return
                 pending.extendleft(reversed(answer))
+
+    def _adopt(self, adopt: Adopt) -> list[Work]:
+        """RESUME: serve the resumed session from now on; its replay goes first."""
+        fresh = self.live.session
+        live = adopt.live
+        self.live = live
+        live.attach(self)
+        answer = live.session.report(
+            Reattach(adopt.seq, self._clock.monotonic(), fresh.rate.stamps)
+        )
+        # The replayed frames were already kept in memory (within the outbound bounds):
+        # queued without the slow-consumer check, which counts them for what follows.
+        replay = [w for w in answer[:-1] if isinstance(w, Send)]
+        for effect in replay:
+            self.outbound.append(effect.text)
+            self.queued_bytes += len(effect.text)
+        self._metrics.replayed_frames.inc(len(replay))
+        self._wake.set()
+        return list(answer[len(replay) :])
+
+    async def _forward(self, live: LiveSession, answer: Sequence[Work]) -> None:
+        outlet = live.outlet
+        if outlet is not None:
+            await outlet.perform(answer)
+            return
+        # Parked: its dispatches were kept when stamped; the rest still runs.
+        for effect in answer:
+            if not isinstance(effect, (Send, Close, Adopt)):
+                await self._host.handle(live, effect)
+
+    def let_go(self, code: int, reason: str) -> None:
+        """The session was taken over by a RESUME elsewhere: keep a closed stand-in
+        (so this connection's end releases nothing of the session) and close."""
+        live = self.live
+        stand_in = LiveSession(
+            Session(live.session_id, live.session.config, live.session.connected_at)
+        )
+        stand_in.session.close(code, reason)
+        self.live = stand_in
+        stand_in.attach(self)
+        if self._close is None:  # already closing (a drain's 1001): that close stands
+            self._decided(Close(code, reason))
+            self.outbound.clear()
+            self.queued_bytes = 0
+        self._wake.set()
 
     # --- outbound -----------------------------------------------------------------
 
@@ -256,10 +309,9 @@ class Connection:
                 await self._host.closed(self)
 
     async def _read(self) -> None:
-        session = self.live.session
         clock = self._clock
         hot = self._metrics.hot
-        while session.state is not State.CLOSED:
+        while (session := self.live.session).state is not State.CLOSED:
             raw: str | bytes | None = None
             if session.state is State.AWAITING_IDENTIFY:
                 with anyio.move_on_after(max(0.0, session.identify_deadline - clock.monotonic())):

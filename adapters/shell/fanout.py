@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import anyio
 
@@ -42,9 +42,13 @@ class FanOut:
         self._permissions = permissions
         self._metrics = metrics
         self._timeout = backend_timeout
+        #: Internal messages (the RESUME handoff's) are taken out before the fan-out.
+        self.intercept: Callable[[str, bytes], bool] | None = None
 
     async def on_message(self, channel: str, payload: bytes) -> None:
         metrics = self._metrics
+        if self.intercept is not None and self.intercept(channel, payload):
+            return
         metrics.broker_messages.inc()
         started = time.perf_counter()
         try:

@@ -24,11 +24,13 @@ from adapters.shell.connection import Connection, SocketLimits
 from adapters.shell.drain import Drain
 from adapters.shell.fanout import FanOut
 from adapters.shell.handlers import Handlers
+from adapters.shell.handoff import Handoff
 from adapters.shell.live import LiveSession
 from adapters.shell.metrics import Metrics
 from adapters.shell.permissions import PermissionCache
 from adapters.shell.presence import PresenceKeeper
 from adapters.shell.publisher import BACKEND_ERRORS, Publisher
+from adapters.shell.resume import Resumer
 from adapters.shell.routing import Routes
 from adapters.shell.settings import GatewaySettings, seconds
 from adapters.shell.snapshot import GatewaySnapshot
@@ -77,6 +79,7 @@ class Gateway:
         close_timeout, timeout = seconds(s.close_timeout_ms), seconds(s.backend_timeout_ms)
         self._limits = SocketLimits(s.outbound_max_frames, s.outbound_max_bytes, close_timeout)
         self.running = False
+        self._drained: anyio.Event | None = None
         permissions = PermissionCache(directory, clock, seconds(s.permission_cache_ttl_ms))
         self.publisher = Publisher(broker, self.metrics, timeout)
         self.routes = Routes(broker)
@@ -102,6 +105,27 @@ class Gateway:
             backend_timeout=timeout,
             metrics=self.metrics,
         )
+        self.resumer = Resumer(
+            tokens=tokens,
+            directory=directory,
+            clock=clock,
+            settings=s,
+            metrics=self.metrics,
+            release=self._release,
+        )
+        self.handoff = Handoff(
+            broker=broker,
+            routes=self.routes,
+            resumer=self.resumer,
+            keeper=self.keeper,
+            instance_id=self.instance_id,
+            clock=clock,
+            config=s.session,
+            timeout=timeout,
+            ask_timeout=seconds(s.handoff_ask_ms),
+        )
+        self.resumer.remote = self.handoff.take
+        self.fanout.intercept = self.handoff.intercept
         self.handlers = Handlers(
             tokens=tokens,
             directory=directory,
@@ -112,6 +136,7 @@ class Gateway:
             permissions=permissions,
             presence=self.keeper,
             typing=typing,
+            resumer=self.resumer,
             on_closed=self.closed,
         )
         # The in-process publishing API (PROTOCOL section 8).
@@ -120,7 +145,8 @@ class Gateway:
         self.publish_to_user = self.publisher.publish_to_user
 
     def _sessions(self) -> Iterator[LiveSession]:
-        return (conn.live for conn in self.admission.connections)
+        yield from (conn.live for conn in self.admission.connections)
+        yield from self.resumer.all_parked()
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -136,6 +162,9 @@ class Gateway:
             group.start_soon(self.broker.run, self.fanout.on_message)
             group.start_soon(self._sweep_loop)
             group.start_soon(self.keeper.run)
+            group.start_soon(self.resumer.run)
+            if self.resumer.enabled:
+                group.start_soon(self.handoff.start, group)
             self.running = True
             task_status.started()
             try:
@@ -163,9 +192,21 @@ class Gateway:
 
     async def drain(self, timeout: float | None = None) -> None:
         """Graceful shutdown of this instance (see :mod:`adapters.shell.drain`)."""
-        await self.admission.drain(
-            seconds(self.settings.drain_timeout_ms) if timeout is None else timeout
-        )
+        if self._drained is not None:  # once per instance (serve.py and the lifespan)
+            await self._drained.wait()
+            return
+        self._drained = anyio.Event()
+        try:
+            budget = seconds(self.settings.drain_timeout_ms) if timeout is None else timeout
+            deadline = anyio.current_time() + budget
+            await self.admission.drain(budget)
+            if self.settings.drain_keeps_parked:
+                # The parked sessions (the 1001s above among them) stay until they are
+                # resumed on another instance, within the same budget.
+                with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                    await self.resumer.wait_empty()
+        finally:
+            self._drained.set()
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -186,18 +227,14 @@ class Gateway:
         session = live.session
         if session.state is not State.CLOSED:
             session.close(conn.close_code or CloseCode.GOING_AWAY, "gone")
+        parked = self.resumer.park(live, conn.close_code, conn.close_side == "client")
         try:
-            with anyio.move_on_after(2 * seconds(self.settings.backend_timeout_ms)):
-                for server_id in list(session.subscriptions):
-                    await self.routes.unroute_now(live, server_id)
-                # The user is routed (and may hold a presence session) before READY sets
-                # session.user_id: an IDENTIFY that failed after routing must clean up too.
-                user_id = live.user_id
-                if user_id is not None:
-                    await self.routes.unroute_user(live, user_id)
-                    await self.keeper.close(live, user_id)
+            if not parked:  # parked: routes and presence stay until it ends (section 13)
+                self.resumer.forget(live)
+                await self._release(live)
         finally:
-            live.detach()
+            if not parked:
+                live.detach()
             self.admission.left(conn)
             self.metrics.closes.labels(str(conn.close_code), conn.close_side).inc()
             log.info(
@@ -210,6 +247,18 @@ class Gateway:
                     "duration_s": round(self.clock.monotonic() - conn.opened_at, 3),
                 },
             )
+
+    async def _release(self, live: LiveSession) -> None:
+        """Release what a session held: its routes, then its presence."""
+        with anyio.move_on_after(2 * seconds(self.settings.backend_timeout_ms)):
+            for server_id in list(live.session.subscriptions):
+                await self.routes.unroute_now(live, server_id)
+            # The user is routed (and may hold a presence session) before READY sets
+            # session.user_id: an IDENTIFY that failed after routing must clean up too.
+            user_id = live.user_id
+            if user_id is not None:
+                await self.routes.unroute_user(live, user_id)
+                await self.keeper.close(live, user_id)
 
     # --- introspection ------------------------------------------------------------
 
@@ -226,5 +275,8 @@ class Gateway:
             outbound_queued=sum(len(conn.outbound) for conn in conns),
             servers=self.routes.servers(),
             users=self.routes.users(),
-            interest=self.routes.interest.channels(),
+            interest={  # the clients' channels (not the handoff's own, gw:*)
+                c: n for c, n in self.routes.interest.channels().items() if c[:3] != "gw:"
+            },
+            parked=frozenset(live.session_id for live in self.resumer.parked),
         )

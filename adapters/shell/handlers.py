@@ -23,6 +23,7 @@ from adapters.shell.metrics import Metrics
 from adapters.shell.permissions import PermissionCache
 from adapters.shell.presence import PresenceKeeper
 from adapters.shell.publisher import BACKEND_ERRORS
+from adapters.shell.resume import Resumer
 from adapters.shell.routing import Routes
 from adapters.shell.settings import GatewaySettings, seconds
 from adapters.shell.typing_indicators import TypingIndicators
@@ -31,6 +32,7 @@ from domain.effects import (
     Authenticate,
     Identified,
     IdentifyFailed,
+    Reclaim,
     SetPresence,
     StartTyping,
     Subscribe,
@@ -69,6 +71,7 @@ class Handlers:
         permissions: PermissionCache,
         presence: PresenceKeeper,
         typing: TypingIndicators,
+        resumer: Resumer,
         on_closed: Callable[[Connection], Awaitable[None]],
     ) -> None:
         self._on_closed = on_closed
@@ -88,9 +91,11 @@ class Handlers:
                 _entry(StartTyping, typing.start),
                 _entry(SetPresence, presence.set_status),
                 _entry(Announce, presence.announce),
+                _entry(Reclaim, self.resume),
             ]
         )
         self._presence = presence
+        self._resumer = resumer
 
     # --- adapters.shell.connection.SessionHost -------------------------------------
 
@@ -136,10 +141,15 @@ class Handlers:
             )
             return session.report(IdentifyFailed(CloseCode.UNEXPECTED, "backend unavailable"))
         log.debug("identified", extra={"session_id": session.session_id, "user_id": user_id})
+        self._resumer.register(live)
         return [
             *session.report(Identified(user, servers, change.after)),
             Announce(change, live.servers),
         ]
+
+    async def resume(self, live: LiveSession, effect: Reclaim) -> Sequence[Work]:
+        """RESUME enters where IDENTIFY does (section 13; see adapters.shell.resume)."""
+        return await self._resumer.reclaim(live, effect)
 
     async def subscribe(self, live: LiveSession, effect: Subscribe) -> Sequence[Work]:
         session = live.session

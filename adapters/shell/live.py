@@ -7,14 +7,15 @@ holds a presence session). The routing indexes, the fan-out and presence keeping
 speak of live sessions, never of sockets.
 
 The socket side (transport, sender, outbound queue) is an :class:`Outlet`, attached
-with :meth:`LiveSession.attach`. Today a session lives exactly as long as its
-connection; RESUME (PROTOCOL section 13) needs only to park a live session with no
-outlet and attach it to another connection later.
+with :meth:`LiveSession.attach`. A READY session whose connection drops may be
+*parked* (PROTOCOL section 13): it keeps its routes and presence with no outlet, and
+:meth:`LiveSession.deliver` keeps what it would have sent until a RESUME attaches it
+to another connection (:class:`Adopt`, see :mod:`adapters.shell.resume`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,8 +33,16 @@ class Announce:
     servers: tuple[Server, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Adopt:
+    """Shell effect: the connection takes over ``live`` (a RESUME succeeded) from ``seq``."""
+
+    live: LiveSession
+    seq: int
+
+
 #: What a connection's interpreter runs: the session's effects and the shell's own.
-Work = Effect | Announce
+Work = Effect | Announce | Adopt
 
 
 class Outlet(Protocol):
@@ -41,6 +50,8 @@ class Outlet(Protocol):
 
     #: True once the socket side decided to close (nothing more is queued).
     closing: bool
+    #: The code of that close (the server's), or the client's once it closed.
+    close_code: int | None
 
     def enqueue(self, text: str) -> None: ...
 
@@ -48,12 +59,26 @@ class Outlet(Protocol):
 
     async def perform(self, effects: Sequence[Work]) -> None: ...
 
+    def let_go(self, code: int, reason: str) -> None:
+        """Give up the session (taken over elsewhere) and close with ``code``."""
+        ...
+
 
 _READY = State.READY
+_PARKED = State.PARKED
+_CLOSED = State.CLOSED
 
 
 class LiveSession:
-    __slots__ = ("outlet", "presence_open", "servers", "session", "user", "user_routed")
+    __slots__ = (
+        "on_overflow",
+        "outlet",
+        "presence_open",
+        "servers",
+        "session",
+        "user",
+        "user_routed",
+    )
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -64,6 +89,8 @@ class LiveSession:
         #: Set once the shell routed ``ws:user:{id}`` here / opened a presence session.
         self.user_routed = False
         self.presence_open = False
+        #: Called when a parked session kept more than its bounds (it then ends).
+        self.on_overflow: Callable[[LiveSession], None] | None = None
 
     @property
     def session_id(self) -> SessionId:
@@ -86,7 +113,15 @@ class LiveSession:
         """Stamp and queue a dispatch (READY sessions with a live outlet only)."""
         outlet = self.outlet
         session = self.session
-        if outlet is None or outlet.closing or session.state is not _READY:
+        if outlet is None:
+            parked = session.state is _PARKED
+            if parked and not session.keep(template) and self.on_overflow is not None:
+                self.on_overflow(self)
+            return False
+        if outlet.closing or session.state is not _READY:
+            if session.was_ready and session.state is _CLOSED:
+                # Its socket is closing and it may park (section 13): keep it.
+                session.keep(template)
             return False
         outlet.enqueue(session.stamp(template))
         return True

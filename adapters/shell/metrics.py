@@ -106,3 +106,21 @@ class Metrics:
         self.typing_dispatched = Counter(
             "gateway_typing_dispatched", "TYPING_START events published", registry=r
         )
+        self.resumes = Counter(
+            "gateway_resumes",
+            "RESUME attempts by outcome (resumed, taken_over, or why INVALID_SESSION)",
+            ["outcome"],
+            registry=r,
+        )
+        self.parked_sessions = Gauge(
+            "gateway_parked_sessions", "Sessions parked for RESUME on this instance", registry=r
+        )
+        self.parked_ended = Counter(
+            "gateway_parked_ended",
+            "Parked sessions that ended without a resume, by reason (ttl, overflow)",
+            ["reason"],
+            registry=r,
+        )
+        self.replayed_frames = Counter(
+            "gateway_replayed_frames", "Dispatches replayed by successful RESUMEs", registry=r
+        )

@@ -37,6 +37,12 @@ class GatewaySettings:
     presence_grace_ms: int = 15_000
     #: Bounded wait for connections to go during a drain.
     drain_timeout_ms: int = 10_000
+    #: A RESUME of a session not held here: how long the instance that holds it has to
+    #: answer (no answer: unknown session or dead owner, INVALID_SESSION).
+    handoff_ask_ms: int = 1_000
+    #: On a drain, keep the parked sessions until resumed elsewhere (bounded by the
+    #: drain timeout); off when no other instance can take them (memory backends).
+    drain_keeps_parked: bool = True
 
     @property
     def presence_ttl_ms(self) -> int:

@@ -25,3 +25,5 @@ class GatewaySnapshot:
     servers: dict[ServerId, frozenset[SessionId]]
     users: dict[UserId, frozenset[SessionId]]
     interest: dict[str, int]
+    #: Sessions parked for RESUME (section 13): no connection, routes and presence kept.
+    parked: frozenset[SessionId] = frozenset()

@@ -58,7 +58,7 @@ BASE_ENV: dict[str, str] = {
     "GATEWAY_JWT_SECRET": TEST_SECRET,
     "GATEWAY_DRAIN_TIMEOUT_MS": "2000",
 }
-CONTROL_OPS = frozenset({"HELLO", "HEARTBEAT_ACK", "ERROR", "RECONNECT"})
+CONTROL_OPS = frozenset({"HELLO", "HEARTBEAT_ACK", "ERROR", "RECONNECT", "INVALID_SESSION"})
 WS_PATH = "/ws/gateway"
 
 
@@ -458,10 +458,18 @@ class GatewayServer:
         """PROTOCOL 5.5: once every client is gone nothing it held remains."""
         gateway = self.gateway
         await eventually(lambda: not gateway.snapshot().connections, what="all connections to end")
+        # Sessions parked for RESUME (section 13: TCP loss, 4009...) hold their routes and
+        # presence until they end: end them, then nothing may remain.
+        await gateway.resumer.end_all()
+        assert gateway.snapshot().parked == frozenset()
         assert gateway.snapshot().servers == {}, gateway.snapshot().servers
         assert gateway.snapshot().users == {}, gateway.snapshot().users
         assert gateway.snapshot().interest == {}, gateway.snapshot().interest
-        assert self.broker.subscribed_channels == frozenset(), self.broker.subscribed_channels
+        # Only the instance's own RESUME handoff channels (section 13) stay subscribed.
+        handoff = {"gw:resume", "gw:instance:" + gateway.instance_id}
+        if not gateway.resumer.enabled:
+            handoff = set()
+        assert self.broker.subscribed_channels == handoff, self.broker.subscribed_channels
         assert self.presence.live_sessions() == {}, self.presence.live_sessions()
         assert self.presence.stored_statuses() == {}, self.presence.stored_statuses()
 

@@ -372,15 +372,21 @@ async def test_closing_clients_leaves_nothing_behind(harness: GatewayServer) -> 
     assert gateway.snapshot().servers == {}
     assert gateway.snapshot().users == {}
     assert gateway.snapshot().interest == {}
-    assert harness.broker.subscribed_channels == frozenset()
+    # Only the instance's RESUME handoff channels (section 13) stay subscribed.
+    assert {c for c in harness.broker.subscribed_channels if not c.startswith("gw:")} == set()
     assert harness.presence.live_sessions() == {}
     for user_id in ("u1", "u2", "u3"):
         assert await harness.presence.get_status(user_id) is Status.OFFLINE
         assert harness.directory.statuses[user_id] is Status.OFFLINE
 
 
+@pytest.mark.parametrize(
+    "gateway_env",
+    [{"GATEWAY_RESUME_TTL_MS": "0"}, {"GATEWAY_RESUME_TTL_MS": "800"}],
+    ids=["resume-off", "parked-until-ttl"],
+)
 async def test_a_dropped_tcp_connection_is_cleaned_up_like_a_close(
-    harness: GatewayServer,
+    harness: GatewayServer, gateway_env: dict[str, str]
 ) -> None:
     alice = await harness.login("u1", "alice")
     raw = await harness.raw_connect()
@@ -391,6 +397,11 @@ async def test_a_dropped_tcp_connection_is_cleaned_up_like_a_close(
     await raw.send_op("SUBSCRIBE_SERVER", {"serverId": "s1"})
     await raw.expect("SUBSCRIBED")
     raw.close()  # no close frame: the socket just goes away
+    if gateway_env["GATEWAY_RESUME_TTL_MS"] != "0":
+        # Section 13: parked, the user stays online (no broadcast) until the TTL ends.
+        await eventually(lambda: len(harness.gateway.snapshot().parked) == 1, what="parked")
+        await alice.assert_no_frame(0.4)
+        assert set(harness.gateway.snapshot().users) == {"u1", "u2"}
     await alice.expect_event("PRESENCE_UPDATE", {"userId": "u2", "serverId": "s1",
                                                  "status": "offline"})
     await eventually(lambda: len(harness.gateway.snapshot().connections) == 1,

@@ -26,6 +26,7 @@ from domain.codec import (
     InvalidEnvelope,
     PresenceUpdate,
     ProtocolError,
+    Resume,
     SubscribeServer,
     TypingStart,
     UnsubscribeServer,
@@ -81,6 +82,15 @@ def oracle(raw: str | bytes) -> Command | tuple[str, str | None]:
     if op == "HEARTBEAT":
         return Heartbeat()
     d = doc.get("d")
+    if op == "RESUME":  # section 13: two strings and a non-negative int (no bool)
+        if not isinstance(d, dict):
+            return ("INVALID_PAYLOAD", op)
+        token, sid, seq = d.get("token"), d.get("sessionId"), d.get("seq")
+        if not (isinstance(token, str) and isinstance(sid, str)):
+            return ("INVALID_PAYLOAD", op)
+        if type(seq) is not int or seq < 0:
+            return ("INVALID_PAYLOAD", op)
+        return Resume(token, sid, seq)
     field = {"IDENTIFY": "token", "SUBSCRIBE_SERVER": "serverId",
              "UNSUBSCRIBE_SERVER": "serverId", "TYPING_START": "channelId",
              "PRESENCE_UPDATE": "status"}[op]
@@ -157,6 +167,7 @@ commands: st.SearchStrategy[Command] = st.one_of(
     st.builds(UnsubscribeServer, any_text),
     st.builds(TypingStart, any_text),
     st.builds(PresenceUpdate, st.sampled_from([Status(s) for s in SETTABLE])),
+    st.builds(Resume, any_text, any_text, st.integers(min_value=0, max_value=2**63)),
 )
 
 
@@ -172,6 +183,9 @@ def command_frame(command: Command) -> dict[str, Any]:
         return {"op": "UNSUBSCRIBE_SERVER", "d": {"serverId": command.server_id}}
     if isinstance(command, TypingStart):
         return {"op": "TYPING_START", "d": {"channelId": command.channel_id}}
+    if isinstance(command, Resume):
+        d = {"token": command.token, "sessionId": command.session_id, "seq": command.seq}
+        return {"op": "RESUME", "d": d}
     return {"op": "PRESENCE_UPDATE", "d": {"status": command.status.value}}
 
 
@@ -440,3 +454,28 @@ def test_envelope_round_trip(op: str, d: Any, channel: str | None, exclude: str 
 def test_encode_envelope_refuses_an_event_without_a_string_op(event: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         encode_envelope(event)
+
+
+# --- RESUME (PROTOCOL 13) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "d",
+    [
+        None, [], "x", {"sessionId": "a", "seq": 0}, {"token": 1, "sessionId": "a", "seq": 0},
+        {"token": "t", "seq": 0}, {"token": "t", "sessionId": None, "seq": 0},
+        {"token": "t", "sessionId": "a"}, {"token": "t", "sessionId": "a", "seq": -1},
+        {"token": "t", "sessionId": "a", "seq": True},
+        {"token": "t", "sessionId": "a", "seq": False},
+        {"token": "t", "sessionId": "a", "seq": 1.0}, {"token": "t", "sessionId": "a", "seq": "1"},
+    ],
+)
+def test_resume_invalid_payload(d: Any) -> None:
+    decoded = decode_command(json.dumps({"op": "RESUME", "d": d}))
+    assert isinstance(decoded, ProtocolError)
+    assert decoded.code is ErrorCode.INVALID_PAYLOAD and decoded.op == "RESUME"
+
+
+def test_resume_decodes() -> None:
+    frame = {"op": "RESUME", "d": {"token": "t", "sessionId": "a", "seq": 0, "x": 1}}
+    assert decode_command(json.dumps(frame)) == Resume("t", "a", 0)

@@ -15,6 +15,7 @@ from domain.codec import (
     Heartbeat,
     Identify,
     PresenceUpdate,
+    Resume,
     SubscribeServer,
     TypingStart,
     UnsubscribeServer,
@@ -23,7 +24,9 @@ from domain.codec import (
 from domain.effects import (
     Authenticate,
     Close,
+    Dropped,
     Effect,
+    Reclaim,
     Send,
     SetPresence,
     StartTyping,
@@ -54,6 +57,7 @@ GOOD_D: dict[str, Any] = {
     "UNSUBSCRIBE_SERVER": {"serverId": "s1"},
     "TYPING_START": {"channelId": "c1"},
     "PRESENCE_UPDATE": {"status": "dnd"},
+    "RESUME": {"token": "jwt", "sessionId": "old", "seq": 3},
 }
 COMMANDS: dict[str, Command] = {
     "IDENTIFY": Identify("jwt"),
@@ -62,6 +66,7 @@ COMMANDS: dict[str, Command] = {
     "UNSUBSCRIBE_SERVER": UnsubscribeServer("s1"),
     "TYPING_START": TypingStart("c1"),
     "PRESENCE_UPDATE": PresenceUpdate(Status.DND),
+    "RESUME": Resume("jwt", "old", 3),
 }
 #: Payloads that are wrong for every op that has a field.
 BAD_D: list[Any] = [None, "x", 3, [], {}, {"token": 1, "serverId": 2, "channelId": None,
@@ -125,7 +130,10 @@ def session_in(state: State, now: float = 0.0) -> Session:
         return s
     ready = s.identified(ALICE, [HOME], Status.ONLINE)
     assert only_dispatch(ready)["op"] == "READY"
-    assert s.state is State.READY
+    if state is State.PARKED:
+        s.close(1001, "drain")
+        s.report(Dropped(1001, False, now))
+    assert s.state is state
     return s
 
 
@@ -141,9 +149,11 @@ EXPECTED_ROWS: dict[State, dict[str, tuple[str, Any]]] = {
         "UNSUBSCRIBE_SERVER": NA,
         "TYPING_START": NA,
         "PRESENCE_UPDATE": NA,
+        "RESUME": ("effect", Reclaim("jwt", "old", 3)),
     },
     State.IDENTIFYING: {
         "IDENTIFY": AA,
+        "RESUME": AA,
         "HEARTBEAT": ("ack", None),
         "SUBSCRIBE_SERVER": NA,
         "UNSUBSCRIBE_SERVER": NA,
@@ -152,12 +162,14 @@ EXPECTED_ROWS: dict[State, dict[str, tuple[str, Any]]] = {
     },
     State.READY: {
         "IDENTIFY": AA,
+        "RESUME": AA,
         "HEARTBEAT": ("ack", None),
         "SUBSCRIBE_SERVER": ("effect", Subscribe("s1")),
         "UNSUBSCRIBE_SERVER": ("unsubscribed", None),
         "TYPING_START": ("effect", StartTyping("c1")),
         "PRESENCE_UPDATE": ("effect", SetPresence(Status.DND)),
     },
+    State.PARKED: dict.fromkeys(GOOD_D, ("nothing", None)),
     State.CLOSED: dict.fromkeys(GOOD_D, ("nothing", None)),
 }
 ROWS = [(state, op) for state, row in EXPECTED_ROWS.items() for op in row]
@@ -169,6 +181,7 @@ def test_op_table_has_a_row_per_state_and_every_command_in_live_states() -> None
     for state in (State.AWAITING_IDENTIFY, State.IDENTIFYING, State.READY):
         assert set(OP_TABLE[state]) == command_types
     assert OP_TABLE[State.CLOSED] == {}
+    assert OP_TABLE[State.PARKED] == {}  # no connection: no client frames
 
 
 def _check_row(state: State, op: str, effects: list[Effect], session: Session) -> None:
@@ -183,8 +196,8 @@ def _check_row(state: State, op: str, effects: list[Effect], session: Session) -
         assert only_dispatch(effects)["op"] == "UNSUBSCRIBED"
     else:
         assert effects == []
-    expected_state = State.IDENTIFYING if (state, op) == (State.AWAITING_IDENTIFY, "IDENTIFY") \
-        else state
+    starts = state is State.AWAITING_IDENTIFY and op in ("IDENTIFY", "RESUME")
+    expected_state = State.IDENTIFYING if starts else state
     assert session.state is expected_state
 
 

@@ -499,13 +499,15 @@ class Instance(Endpoint):
         await eventually(
             lambda: not gateway.snapshot().connections, what=f"{self.name}: connections end"
         )
+        await gateway.resumer.end_all()  # parked sessions (section 13) end, then all is clean
         assert gateway.snapshot().servers == {}, gateway.snapshot().servers
         assert gateway.snapshot().users == {}, gateway.snapshot().users
         assert gateway.snapshot().interest == {}, gateway.snapshot().interest
         broker = gateway.broker
         if isinstance(broker, RedisBroker):
+            # Only the instance's RESUME handoff channels (gw:*) stay subscribed.
             await eventually(
-                lambda: not broker.subscribed_channels,
+                lambda: all(c.startswith("gw:") for c in broker.subscribed_channels),
                 what=f"{self.name}: broker unsubscribed ({broker.subscribed_channels})",
             )
 

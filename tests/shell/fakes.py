@@ -49,6 +49,7 @@ class FakeTransport:
         self._out_recv: MemoryObjectReceiveStream[dict[str, Any]]
         self._out_send, self._out_recv = anyio.create_memory_object_stream[dict[str, Any]](10_000)
         self.close_code: int | None = None
+        self.client_code: int | None = None
         self.closed = anyio.Event()
         self._reading = anyio.Event()
         self._reading.set()
@@ -58,7 +59,8 @@ class FakeTransport:
     async def receive(self) -> str | bytes:
         item = await self._in_recv.receive()
         if item is None:
-            raise TransportClosed(None)  # the TCP connection just went away
+            # The TCP connection just went away, or the client's close with its code.
+            raise TransportClosed(self.client_code)
         return item
 
     async def send(self, text: str) -> None:
@@ -106,7 +108,9 @@ class FakeTransport:
             except anyio.WouldBlock:
                 return frames
 
-    def drop(self) -> None:
+    def drop(self, code: int | None = None) -> None:
+        """TCP loss (no code), or the client's close frame with ``code``."""
+        self.client_code = code
         self._in_send.send_nowait(None)
 
     def stall(self) -> None:

@@ -63,7 +63,15 @@ def test_a_hosts_answer_runs_before_the_effects_after_it() -> None:
 # --- routing and cleanup --------------------------------------------------------------
 
 
-def test_closing_clients_leaves_nothing_routed() -> None:
+@pytest.mark.parametrize(
+    "settings",
+    [
+        GatewaySettings(session=SessionConfig(resume_ttl=0)),
+        GatewaySettings(session=SessionConfig(resume_ttl=10.0)),
+    ],
+    ids=["resume-off", "parked-then-ended"],
+)
+def test_closing_clients_leaves_nothing_routed(settings: GatewaySettings) -> None:
     async def test(world: World) -> None:
         alice = await world.login("u1", "s1")
         bob = await world.login("u2", "s1", "s2")
@@ -78,9 +86,15 @@ def test_closing_clients_leaves_nothing_routed() -> None:
         bob.drop()
         await world.until(lambda: not world.gateway.snapshot().connections, "connections end")
         snapshot = world.gateway.snapshot()
+        if world.gateway.settings.session.resume_ttl > 0:
+            # TCP loss parks both sessions (section 13): routes kept until the TTL ends.
+            assert len(snapshot.parked) == 2 and set(snapshot.users) == {"u1", "u2"}
+            assert set(snapshot.servers) == {"s1"}
+            await world.until(lambda: not world.gateway.snapshot().parked, "parked sessions end")
+            snapshot = world.gateway.snapshot()
         assert (snapshot.servers, snapshot.users, snapshot.interest) == ({}, {}, {})
 
-    run_virtual(test)
+    run_virtual(test, settings)
 
 
 def test_unsubscribe_drops_the_route_at_once_and_the_interest_soon_after() -> None:

@@ -1,0 +1,118 @@
+"""What a session keeps so that it can be resumed (PROTOCOL section 13).
+
+A :class:`ReplayBuffer` holds ``(s, template)`` pairs: the shared
+:class:`~domain.codec.DispatchTemplate` the fan-out encoded once per event (never a
+per-session copy of the frame) and the ``s`` the session stamped into it. While the
+session is attached it keeps its last ``buffer_frames`` dispatches (those may have
+been lost in flight when the connection drops); while parked it keeps everything,
+bounded by the outbound bounds: the oldest frames sent before the drop go first, and
+when the frames kept since the drop alone exceed a bound the session must end.
+
+:func:`parks` is the rule of which endings park a session.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+
+from domain.codec import DispatchTemplate
+
+#: Client close codes that mean "I am leaving": the session ends.
+CLIENT_LEAVES = frozenset({1000, 1001})
+#: Server close codes after which the session is parked (drain, too big, rate, heartbeat).
+SERVER_PARKS = frozenset({1001, 1009, 4008, 4009})
+
+
+def parks(code: int | None, by_client: bool) -> bool:
+    """Whether a READY session whose connection ended this way is kept resumable."""
+    if by_client:
+        return code not in CLIENT_LEAVES  # 1006 (TCP loss), 1005, 4xxx... park
+    return code in SERVER_PARKS
+
+
+def _cost(s: int, template: DispatchTemplate) -> int:
+    return len(template.head) + len(str(s)) + 1
+
+
+class ReplayBuffer:
+    __slots__ = ("_bytes", "_frames", "buffer_frames", "max_bytes", "max_frames", "parked_from")
+
+    def __init__(self, buffer_frames: int, max_frames: int, max_bytes: int) -> None:
+        self.buffer_frames = buffer_frames
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self._frames: deque[tuple[int, DispatchTemplate]] = deque()
+        self._bytes = 0
+        #: The first ``s`` stamped while parked (None while attached).
+        self.parked_from: int | None = None
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    @property
+    def kept_bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def oldest(self) -> int | None:
+        return self._frames[0][0] if self._frames else None
+
+    def record(self, s: int, template: DispatchTemplate) -> bool:
+        """Keep one stamped dispatch; False when a parked session kept too much."""
+        if self.buffer_frames <= 0 and self.parked_from is None:
+            return True
+        self._frames.append((s, template))
+        self._bytes += _cost(s, template)
+        return self._trim()
+
+    def _trim(self) -> bool:
+        frames = self._frames
+        if self.parked_from is None:
+            limit_frames = min(self.buffer_frames, self.max_frames)
+        else:
+            limit_frames = self.max_frames
+        while frames and (len(frames) > limit_frames or self._bytes > self.max_bytes):
+            s, template = frames[0]
+            if self.parked_from is not None and s >= self.parked_from:
+                return False  # what was kept since the drop alone is over a bound
+            frames.popleft()
+            self._bytes -= _cost(s, template)
+        return True
+
+    def park(self, next_s: int) -> None:
+        if self.parked_from is None:  # from the close decision on, all is kept
+            self.parked_from = next_s
+
+    def attach(self) -> None:
+        """Attached again: back to keeping the last ``buffer_frames``."""
+        self.parked_from = None
+        self._trim()
+
+    def items(self) -> list[tuple[int, DispatchTemplate]]:
+        return list(self._frames)
+
+    def hand_in(
+        self, earlier: list[tuple[int, DispatchTemplate]], offset: int, parked_from: int | None
+    ) -> None:
+        """A handoff from another instance: its kept frames go first, and ours (kept
+        from ``s`` 1 while we waited for them) move up by ``offset``."""
+        frames = [*earlier, *((s + offset, t) for s, t in self._frames)]
+        self._frames = deque(frames)
+        self._bytes = sum(_cost(s, t) for s, t in frames)
+        self.parked_from = parked_from if parked_from is not None else offset + 1
+
+    def covers(self, seq: int, last: int) -> bool:
+        """A resume from ``seq`` (the last ``s`` the client saw) can be replayed."""
+        if seq > last:
+            return False
+        if seq == last:
+            return True
+        oldest = self.oldest
+        return oldest is not None and oldest <= seq + 1
+
+    def after(self, seq: int) -> Iterator[str]:
+        """The frames with ``s > seq``, in order, each with its original ``s``."""
+        for s, template in self._frames:
+            if s > seq:
+                yield template.frame(s)
