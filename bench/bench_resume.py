@@ -15,6 +15,7 @@ import asyncio
 import json
 import statistics
 import time
+from collections.abc import Sequence
 
 import anyio
 
@@ -62,6 +63,10 @@ class Transport:
         self.frames.append(frame)
         if frame["op"] == self.waiting_for:
             self.got.set()
+
+    async def send_many(self, texts: Sequence[str]) -> None:
+        for text in texts:
+            await self.send(text)
 
     async def close(self, code: int, reason: str = "") -> None:
         self.inbox.put_nowait(None)
