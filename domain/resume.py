@@ -96,7 +96,10 @@ def hand_in(
     earlier: list[tuple[int, DispatchTemplate]],
     next_s: int,
     parked_from: int | None,
+    rate: tuple[float, ...] = (),
 ) -> None:
-    """The owner's kept frames (``s`` < ``next_s``): ours continue after them."""
+    """The owner's kept frames (``s`` < ``next_s``): ours continue after them; ``rate``
+    is the owner's rate window in this instance's time (it carries over, PROTOCOL 13)."""
     session.replay.hand_in(earlier, next_s - 1, parked_from)
+    session.rate.merge(rate)
     session.seq += next_s - 1

@@ -23,7 +23,8 @@ session S owned by A and resumed on B:
    If the frames do not come in time B releases its copy and answers
    INVALID_SESSION (never a partial replay).
 
-Not carried over: the rate-limit window (clocks differ between processes).
+The rate-limit window goes along as the ages of its stamps (clocks differ between
+processes; ages do not), so a RESUME elsewhere never resets it (PROTOCOL 13).
 """
 
 from __future__ import annotations
@@ -202,6 +203,7 @@ class Handoff:
         if live not in self._resumer.parked:  # it ended meanwhile (TTL): B times out
             return
         session = live.session
+        now = self._clock.monotonic()
         frames = [[s, t.op, t.head] for s, t in session.replay.items()]
         shipped = {
             "gw": "frames",
@@ -209,6 +211,7 @@ class Handoff:
             "next": session.seq + 1,
             "parkedFrom": session.replay.parked_from,
             "frames": frames,
+            "rateAges": [now - stamp for stamp in session.rate.stamps],
         }
         live.presence_open = False
         session.state = State.CLOSED
@@ -299,7 +302,9 @@ class Handoff:
         earlier = [
             (int(s), DispatchTemplate(str(op), str(head))) for s, op, head in shipped["frames"]
         ]
-        hand_in(live.session, earlier, int(shipped["next"]), shipped.get("parkedFrom"))
+        now = self._clock.monotonic()
+        rate = tuple(now - float(age) for age in shipped.get("rateAges", ()))
+        hand_in(live.session, earlier, int(shipped["next"]), shipped.get("parkedFrom"), rate)
         return live
 
     async def _abandon(self, live: LiveSession, incoming: _Incoming) -> None:

@@ -247,3 +247,28 @@ def test_a_resume_flood_is_answered_and_rate_limited() -> None:
         assert (await ok.recv())["op"] == "HEARTBEAT_ACK"
 
     run_pair(test, settings)
+
+
+def test_the_rate_window_carries_over_a_resume_on_the_other_instance() -> None:
+    """PROTOCOL 13: reconnecting does not reset the window, elsewhere neither."""
+    settings = GatewaySettings(session=SessionConfig(rate_limit_count=6, rate_limit_window=60.0))
+
+    async def test(pair: Pair) -> None:
+        alice = await pair.login(pair.a, "u1")  # IDENTIFY, SUBSCRIBE_SERVER: 2
+        for _ in range(2):  # 4
+            await alice.send_op("HEARTBEAT")
+            while (await alice.recv())["op"] != "HEARTBEAT_ACK":
+                pass
+        sid = sid_of(pair.a, "u1")
+        alice.drop()
+        await pair.until(lambda: sid in pair.a.snapshot().parked)
+        again = await resume(pair, pair.b, sid, 0)  # RESUME: 5
+        await read_until_resumed(again)
+        await again.send_op("HEARTBEAT")  # 6
+        while (await again.recv())["op"] != "HEARTBEAT_ACK":
+            pass
+        await again.send_op("HEARTBEAT")  # 7: over the window carried from A
+        await again.closed.wait()
+        assert again.close_code == 4008
+
+    run_pair(test, settings)
