@@ -24,8 +24,11 @@ def _no_route_at_the_cut(self: handoff.Handoff, incoming: Any, channel: str) -> 
     incoming.waiting.discard(channel)  # B sees its marker but its route never starts
 
 
-def _no_renumbering(session: Any, earlier: Any, next_s: int, parked_from: int | None) -> None:
+def _no_renumbering(
+    session: Any, earlier: Any, next_s: int, parked_from: int | None, rate: Any = ()
+) -> None:
     session.replay.hand_in(earlier, next_s - 1, parked_from)  # s not moved past A's
+    session.rate.merge(rate)
 
 
 def _replay_one_too_many(self: ReplayBuffer, seq: int) -> Any:
