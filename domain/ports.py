@@ -7,7 +7,7 @@ Every adapter of a port passes the same contract tests (``tests/contract``).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Protocol
 
 from domain.model import (
@@ -112,6 +112,10 @@ class PresenceStore(Protocol):
         ...
 
     async def get_status(self, user_id: UserId) -> Status: ...
+
+    async def get_statuses(self, user_ids: Sequence[UserId]) -> list[Status]:
+        """The status of each user, in order (one round trip, for PRESENCE_SNAPSHOT)."""
+        ...
 
     async def keep_alive(self, instance_id: InstanceId, ttl_ms: int) -> bool:
         """Mark this instance's sessions alive for another ``ttl_ms``. Return True when

@@ -68,6 +68,7 @@ from domain.effects import (
     TimerFired,
     Unsubscribe,
 )
+from domain.interest_rows import PRESENCE_OP, PRESENCE_OUTCOME
 from domain.model import Server, ServerId, SessionId, Status, User, UserId
 from domain.rate_limit import SlidingWindow
 
@@ -87,6 +88,7 @@ class SessionConfig:
     rate_limit_count: int = 120
     rate_limit_window: float = 60.0
     max_subscriptions: int = 200
+    large_server_members: int = 250  # more members: a large server (PROTOCOL 14)
 
 
 # --- the tables ----------------------------------------------------------------------
@@ -166,6 +168,7 @@ OP_TABLE: dict[State, dict[type, Row[Any]]] = {
         _row(UnsubscribeServer, _NOT_AUTHENTICATED),
         _row(TypingStart, _NOT_AUTHENTICATED),
         _row(PresenceUpdate, _NOT_AUTHENTICATED),
+        _row(PRESENCE_OP[0], _NOT_AUTHENTICATED),
     ),
     State.IDENTIFYING: _rows(
         _row(Identify, _ALREADY_AUTHENTICATED),
@@ -174,6 +177,7 @@ OP_TABLE: dict[State, dict[type, Row[Any]]] = {
         _row(UnsubscribeServer, _NOT_AUTHENTICATED),
         _row(TypingStart, _NOT_AUTHENTICATED),
         _row(PresenceUpdate, _NOT_AUTHENTICATED),
+        _row(PRESENCE_OP[0], _NOT_AUTHENTICATED),
     ),
     State.READY: _rows(
         _row(Identify, _ALREADY_AUTHENTICATED),
@@ -182,17 +186,18 @@ OP_TABLE: dict[State, dict[type, Row[Any]]] = {
         _row(UnsubscribeServer, _unsubscribe),
         _row(TypingStart, _typing),
         _row(PresenceUpdate, _presence),
+        _row(*PRESENCE_OP),
     ),
     State.CLOSED: {},
 }
 
 
 def _identified(session: Session, outcome: Identified, now: float) -> list[Effect]:
-    session.user_id = outcome.user.id
+    session.user_id, large = outcome.user.id, session.config.large_server_members
     ready = {
         "sessionId": session.session_id,
         "user": outcome.user.to_wire(outcome.status),
-        "servers": [s.to_wire() for s in outcome.servers],
+        "servers": [s.to_ready(large) for s in outcome.servers],
     }
     return [Send(session.dispatch("READY", ready))]
 
@@ -244,6 +249,7 @@ OUTCOME_TABLE: dict[State, dict[type, Row[Any]]] = {
     State.READY: _rows(
         _row(SubscribeConfirmed, _subscribe_confirmed),
         _row(Removed, _removed),
+        _row(*PRESENCE_OUTCOME),
         _TIMER,
         _REFUSED,
     ),

@@ -84,6 +84,7 @@ class Config:
             rate_limit_count=_int(env, "GATEWAY_RATE_LIMIT_COUNT", 120, 1),
             rate_limit_window=_int(env, "GATEWAY_RATE_LIMIT_WINDOW_MS", 60_000, 1) / ms,
             max_subscriptions=_int(env, "GATEWAY_MAX_SUBSCRIPTIONS", 200, 0),
+            large_server_members=_int(env, "GATEWAY_LARGE_SERVER_MEMBERS", 250, 0),
         )
         settings = GatewaySettings(
             session=session,

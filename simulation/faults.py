@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -252,6 +252,10 @@ class InstancePresence:
     async def get_status(self, user_id: UserId) -> Status:
         self._life.check()
         return await self._inner.get_status(user_id)
+
+    async def get_statuses(self, user_ids: Sequence[UserId]) -> list[Status]:
+        self._life.check()
+        return await self._inner.get_statuses(user_ids)
 
     async def keep_alive(self, instance_id: InstanceId, ttl_ms: int) -> bool:
         self._life.check()

@@ -28,6 +28,7 @@ from adapters.shell.live import LiveSession
 from adapters.shell.metrics import Metrics
 from adapters.shell.permissions import PermissionCache
 from adapters.shell.presence import PresenceKeeper
+from adapters.shell.presence_interest import PresenceInterest, PresenceWatch
 from adapters.shell.publisher import BACKEND_ERRORS, Publisher
 from adapters.shell.routing import Routes
 from adapters.shell.settings import GatewaySettings, seconds
@@ -80,7 +81,15 @@ class Gateway:
         permissions = PermissionCache(directory, clock, seconds(s.permission_cache_ttl_ms))
         self.publisher = Publisher(broker, self.metrics, timeout)
         self.routes = Routes(broker)
-        self.fanout = FanOut(self.routes, permissions, self.metrics, timeout)
+        self.interest = PresenceInterest()
+        self.fanout = FanOut(
+            self.routes,
+            permissions,
+            self.metrics,
+            timeout,
+            interest=self.interest,
+            large_server_members=s.session.large_server_members,
+        )
         self.keeper = PresenceKeeper(
             store=presence,
             directory=directory,
@@ -112,6 +121,8 @@ class Gateway:
             permissions=permissions,
             presence=self.keeper,
             typing=typing,
+            interest=self.interest,
+            watch=PresenceWatch(self.interest, permissions, presence, self.metrics, timeout),
             on_closed=self.closed,
         )
         # The in-process publishing API (PROTOCOL section 8).
@@ -186,6 +197,7 @@ class Gateway:
         session = live.session
         if session.state is not State.CLOSED:
             session.close(conn.close_code or CloseCode.GOING_AWAY, "gone")
+        self.interest.drop_all(live)
         try:
             with anyio.move_on_after(2 * seconds(self.settings.backend_timeout_ms)):
                 for server_id in list(session.subscriptions):

@@ -22,6 +22,7 @@ from adapters.shell.live import Announce, LiveSession, Work
 from adapters.shell.metrics import Metrics
 from adapters.shell.permissions import PermissionCache
 from adapters.shell.presence import PresenceKeeper
+from adapters.shell.presence_interest import PresenceInterest, PresenceWatch
 from adapters.shell.publisher import BACKEND_ERRORS
 from adapters.shell.routing import Routes
 from adapters.shell.settings import GatewaySettings, seconds
@@ -36,6 +37,7 @@ from domain.effects import (
     Subscribe,
     SubscribeConfirmed,
     Unsubscribe,
+    WatchPresence,
 )
 from domain.ports import Clock, Directory, InvalidToken, TokenVerifier
 from domain.session import State
@@ -69,6 +71,8 @@ class Handlers:
         permissions: PermissionCache,
         presence: PresenceKeeper,
         typing: TypingIndicators,
+        interest: PresenceInterest,
+        watch: PresenceWatch,
         on_closed: Callable[[Connection], Awaitable[None]],
     ) -> None:
         self._on_closed = on_closed
@@ -79,6 +83,7 @@ class Handlers:
         self._metrics = metrics
         self._routes = routes
         self._permissions = permissions
+        self._interest = interest
         self._timeout = seconds(settings.backend_timeout_ms)
         self.table: dict[type, Handler] = dict(
             [
@@ -88,6 +93,7 @@ class Handlers:
                 _entry(StartTyping, typing.start),
                 _entry(SetPresence, presence.set_status),
                 _entry(Announce, presence.announce),
+                _entry(WatchPresence, watch.watch),
             ]
         )
         self._presence = presence
@@ -172,4 +178,5 @@ class Handlers:
 
     async def unsubscribe(self, live: LiveSession, effect: Unsubscribe) -> Sequence[Work]:
         self._routes.unroute(live, effect.server_id)
+        self._interest.drop(live, effect.server_id)  # UNSUBSCRIBE_SERVER ends it (14)
         return ()

@@ -461,6 +461,7 @@ class GatewayServer:
         assert gateway.snapshot().servers == {}, gateway.snapshot().servers
         assert gateway.snapshot().users == {}, gateway.snapshot().users
         assert gateway.snapshot().interest == {}, gateway.snapshot().interest
+        assert gateway.interest.size() == (0, 0), "presence interest left behind (PROTOCOL 14)"
         assert self.broker.subscribed_channels == frozenset(), self.broker.subscribed_channels
         assert self.presence.live_sessions() == {}, self.presence.live_sessions()
         assert self.presence.stored_statuses() == {}, self.presence.stored_statuses()

@@ -15,6 +15,7 @@ from domain.codec import (
     Heartbeat,
     Identify,
     PresenceUpdate,
+    SubscribePresence,
     SubscribeServer,
     TypingStart,
     UnsubscribeServer,
@@ -29,6 +30,7 @@ from domain.effects import (
     StartTyping,
     Subscribe,
     Unsubscribe,
+    WatchPresence,
 )
 from domain.model import Server, Status, User
 from domain.rate_limit import SlidingWindow
@@ -46,7 +48,10 @@ CONFIG = SessionConfig(
 ALICE = User(id="u1", username="alice", display_name="Alice", avatar_url=None)
 HOME = Server(id="s1", name="Home", owner_id="u1", icon_url=None)
 
-READY_OPS = ("SUBSCRIBE_SERVER", "UNSUBSCRIBE_SERVER", "TYPING_START", "PRESENCE_UPDATE")
+READY_OPS = (
+    "SUBSCRIBE_SERVER", "UNSUBSCRIBE_SERVER", "TYPING_START", "PRESENCE_UPDATE",
+    "SUBSCRIBE_PRESENCE",
+)
 GOOD_D: dict[str, Any] = {
     "IDENTIFY": {"token": "jwt"},
     "HEARTBEAT": None,
@@ -54,6 +59,7 @@ GOOD_D: dict[str, Any] = {
     "UNSUBSCRIBE_SERVER": {"serverId": "s1"},
     "TYPING_START": {"channelId": "c1"},
     "PRESENCE_UPDATE": {"status": "dnd"},
+    "SUBSCRIBE_PRESENCE": {"serverId": "s1", "userIds": ["u2"]},
 }
 COMMANDS: dict[str, Command] = {
     "IDENTIFY": Identify("jwt"),
@@ -62,6 +68,7 @@ COMMANDS: dict[str, Command] = {
     "UNSUBSCRIBE_SERVER": UnsubscribeServer("s1"),
     "TYPING_START": TypingStart("c1"),
     "PRESENCE_UPDATE": PresenceUpdate(Status.DND),
+    "SUBSCRIBE_PRESENCE": SubscribePresence("s1", ("u2",)),
 }
 #: Payloads that are wrong for every op that has a field.
 BAD_D: list[Any] = [None, "x", 3, [], {}, {"token": 1, "serverId": 2, "channelId": None,
@@ -141,6 +148,7 @@ EXPECTED_ROWS: dict[State, dict[str, tuple[str, Any]]] = {
         "UNSUBSCRIBE_SERVER": NA,
         "TYPING_START": NA,
         "PRESENCE_UPDATE": NA,
+        "SUBSCRIBE_PRESENCE": NA,
     },
     State.IDENTIFYING: {
         "IDENTIFY": AA,
@@ -149,6 +157,7 @@ EXPECTED_ROWS: dict[State, dict[str, tuple[str, Any]]] = {
         "UNSUBSCRIBE_SERVER": NA,
         "TYPING_START": NA,
         "PRESENCE_UPDATE": NA,
+        "SUBSCRIBE_PRESENCE": NA,
     },
     State.READY: {
         "IDENTIFY": AA,
@@ -157,6 +166,7 @@ EXPECTED_ROWS: dict[State, dict[str, tuple[str, Any]]] = {
         "UNSUBSCRIBE_SERVER": ("unsubscribed", None),
         "TYPING_START": ("effect", StartTyping("c1")),
         "PRESENCE_UPDATE": ("effect", SetPresence(Status.DND)),
+        "SUBSCRIBE_PRESENCE": ("effect", WatchPresence("s1", ("u2",), False)),
     },
     State.CLOSED: dict.fromkeys(GOOD_D, ("nothing", None)),
 }
@@ -397,7 +407,8 @@ def test_ready_has_s_1_and_the_hello_session_id() -> None:
             "sessionId": SID,
             "user": {"id": "u1", "username": "alice", "displayName": "Alice",
                      "avatarUrl": None, "status": "dnd"},
-            "servers": [{"id": "s1", "name": "Home", "ownerId": "u1", "iconUrl": None}],
+            "servers": [{"id": "s1", "name": "Home", "ownerId": "u1", "iconUrl": None,
+                         "memberCount": 0, "large": False}],
         },
     }
     assert s.user_id == "u1"
