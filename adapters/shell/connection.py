@@ -34,7 +34,7 @@ import anyio.abc
 from adapters.shell.live import LiveSession, Work
 from adapters.shell.metrics import Metrics
 from domain.codec import CloseCode
-from domain.effects import Close, Send
+from domain.effects import Authenticate, Close, Send
 from domain.ports import Clock, MessageTooBig, Transport, TransportClosed
 from domain.session import State
 
@@ -49,6 +49,11 @@ class SessionHost(Protocol):
     async def closed(self, conn: Connection) -> None:
         """The connection ended: release what its session held (runs shielded)."""
         ...
+
+
+#: Effects run beside the reader rather than in it: handshakes, which may wait long in
+#: the admission queue (RESUME joins this tuple when it exists).
+OFF_READER: tuple[type, ...] = (Authenticate,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +71,11 @@ class Connection:
         "_close_deadline",
         "_event_class",
         "_group",
+        "_held",
         "_host",
         "_limits",
         "_metrics",
+        "_resume",
         "_send_scope",
         "_wake",
         "close_code",
@@ -110,6 +117,9 @@ class Connection:
         self._event_class = type(self._wake)
         self._send_scope: anyio.CancelScope | None = None
         self._group: anyio.abc.TaskGroup | None = None
+        #: While a handshake runs beside the reader: the frames read meanwhile.
+        self._held: deque[str | bytes] | None = None
+        self._resume = anyio.Event()
         live.attach(self)
 
     # --- the interpreter ----------------------------------------------------------
@@ -125,9 +135,27 @@ class Connection:
                     self._metrics.errors.labels(effect.error).inc()
             elif isinstance(effect, Close):
                 self._closed_by_session(effect)
+            elif isinstance(effect, OFF_READER) and self._group is not None:
+                # A handshake may queue long for admission (PROTOCOL 15). It runs in a
+                # task of its own, so that the reader goes on reading: a client that
+                # leaves ends the connection and cancels the handshake wherever it
+                # waits. Frames read meanwhile wait in ``_held`` and run after it, in
+                # order, exactly as if the reader had waited.
+                self._held = deque()
+                self._group.start_soon(self._perform_handled, effect)
             else:
                 answer = await self._host.handle(self.live, effect)
                 pending.extendleft(reversed(answer))
+
+    async def _perform_handled(self, effect: Work) -> None:
+        try:
+            await self.perform(await self._host.handle(self.live, effect))
+            held = self._held
+            while held:  # no await between the last check and the reset below
+                await self._handle_frame(held.popleft())
+        finally:
+            self._held = None
+            self._resume.set()
 
     # --- outbound -----------------------------------------------------------------
 
@@ -248,7 +276,6 @@ class Connection:
     async def _read(self) -> None:
         session = self.live.session
         clock = self._clock
-        hot = self._metrics.hot
         while session.state is not State.CLOSED:
             raw: str | bytes | None = None
             if session.state is State.AWAITING_IDENTIFY:
@@ -261,16 +288,31 @@ class Connection:
                 raw = await self._receive_one()
                 if raw is None:
                     continue
-            hot.bytes_in += len(raw)
-            effects = session.receive(raw, clock.monotonic())
-            hot.frames_in[session.last_op or "none"] += 1
-            await self.perform(effects)
+            held = self._held
+            if held is None:
+                await self._handle_frame(raw)
+                continue
+            held.append(raw)
+            if len(held) > session.config.rate_limit_count:
+                # Over the rate limit anyway: stop reading until the handshake is done
+                # (the held frames then close the connection 4008, in order).
+                self._resume = self._event_class()
+                if self._held is not None:
+                    await self._resume.wait()
         # Closed by us: the sender finishes the close handshake. Keep reading (and
         # discarding) until the peer's close or the end of the transport.
         receive = self.transport.receive
         while True:
             with contextlib.suppress(MessageTooBig):
                 await receive()
+
+    async def _handle_frame(self, raw: str | bytes) -> None:
+        session = self.live.session
+        hot = self._metrics.hot
+        hot.bytes_in += len(raw)
+        effects = session.receive(raw, self._clock.monotonic())
+        hot.frames_in[session.last_op or "none"] += 1
+        await self.perform(effects)
 
     async def _receive_one(self) -> str | bytes | None:
         try:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 import anyio
 from anyio.abc import TaskStatus
 
+from adapters.shell.admission import Admission
 from adapters.shell.connection import Connection, SocketLimits
 from adapters.shell.drain import Drain
 from adapters.shell.fanout import FanOut
@@ -82,6 +83,8 @@ class Gateway:
         self.publisher = Publisher(broker, self.metrics, timeout)
         self.routes = Routes(broker)
         self.interest = PresenceInterest()
+        #: PROTOCOL 15: the bounded IDENTIFY (and RESUME) queue of this instance.
+        self.queue = Admission(s.identify_concurrency)
         self.fanout = FanOut(
             self.routes,
             permissions,
@@ -123,6 +126,7 @@ class Gateway:
             typing=typing,
             interest=self.interest,
             watch=PresenceWatch(self.interest, permissions, presence, self.metrics, timeout),
+            admission=self.queue,
             on_closed=self.closed,
         )
         # The in-process publishing API (PROTOCOL section 8).

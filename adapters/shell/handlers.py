@@ -10,13 +10,15 @@ their own rooms.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import anyio
 
+from adapters.shell.admission import Admission
 from adapters.shell.connection import Connection
 from adapters.shell.live import Announce, LiveSession, Work
 from adapters.shell.metrics import Metrics
@@ -73,6 +75,7 @@ class Handlers:
         typing: TypingIndicators,
         interest: PresenceInterest,
         watch: PresenceWatch,
+        admission: Admission,
         on_closed: Callable[[Connection], Awaitable[None]],
     ) -> None:
         self._on_closed = on_closed
@@ -84,6 +87,7 @@ class Handlers:
         self._routes = routes
         self._permissions = permissions
         self._interest = interest
+        self._admission = admission
         self._timeout = seconds(settings.backend_timeout_ms)
         self.table: dict[type, Handler] = dict(
             [
@@ -114,7 +118,7 @@ class Handlers:
             log.info("identify refused: %s", exc, extra={"session_id": session.session_id})
             return session.report(_AUTH_FAILED)
         try:
-            with anyio.fail_after(self._timeout):
+            async with self._admitted():
                 started = time.perf_counter()
                 user = await self._directory.get_user(user_id)
                 if user is None:
@@ -146,6 +150,13 @@ class Handlers:
             *session.report(Identified(user, servers, change.after)),
             Announce(change, live.servers),
         ]
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self) -> AsyncIterator[None]:
+        """PROTOCOL 15: queued (FIFO, no timer) until admitted; one deadline from then."""
+        async with self._admission.slot():
+            with anyio.fail_after(self._timeout):
+                yield
 
     async def subscribe(self, live: LiveSession, effect: Subscribe) -> Sequence[Work]:
         session = live.session
