@@ -269,10 +269,17 @@ class Checker:
             conn.replies.append(("ERROR:NOT_FOUND:TYPING_START", optional, now))
         elif conn.user not in self.pop.readers[channel]:
             conn.replies.append(("ERROR:FORBIDDEN:TYPING_START", optional, now))
+        if self.faults.backend_fault_during(now - EPS, now + EPS):
+            # PROTOCOL 15: a typing write that failed is answered, never a close.
+            conn.replies.append(("ERROR:UNAVAILABLE:TYPING_START", True, now))
 
     def sent_presence(self, conn: Conn, text: str) -> None:
         self.trace.sent(conn.cid, text)
-        self._touch(conn.user, self.now() + EPS)
+        now = self.now()
+        self._touch(conn.user, now + EPS)
+        if self.faults.backend_fault_during(now - EPS, now + EPS):
+            # PROTOCOL 15: a presence write that failed is answered, never a close.
+            conn.replies.append(("ERROR:UNAVAILABLE:PRESENCE_UPDATE", True, now))
 
     def went_silent(self, conn: Conn) -> None:
         self.trace.event(conn.cid, "FAULT silent")
