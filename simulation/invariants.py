@@ -635,6 +635,19 @@ class Checker:
         rec.server = server
         rec.presence = (user, status)
         self._touch(user, rec.horizon + EPS)
+        if len(self.pop.members[server]) > self.settings.session.large_server_members:
+            # PROTOCOL 14: in a large server only the user's own subscribed connections
+            # (simulated clients ask for nobody's presence); anyone else is a violation.
+            # While the directory fails the fan-out cannot tell the server's size and
+            # delivers to every subscriber (more, never fewer): allowed then, not owed.
+            lenient = self.faults.directory_failing_during(rec.p - EPS, rec.horizon + EPS)
+            self._in_flight("s:" + server, rec, None, None)
+            for conn in self.server_index.get(server, ()):
+                if conn.user == user:
+                    self._expect(conn, rec, conn.subs[server] == SUBSCRIBED)
+                elif lenient:
+                    self._expect(conn, rec, False)
+            return
         self._expect_server(rec, server, None, None)
 
     def _in_flight(
