@@ -147,6 +147,11 @@ class Connection:
                 answer = await self._host.handle(self.live, effect)
                 pending.extendleft(reversed(answer))
 
+    @property
+    def handshaking(self) -> bool:
+        """A handshake runs beside the reader (its frames are held until it is done)."""
+        return self._held is not None
+
     async def _perform_handled(self, effect: Work) -> None:
         try:
             await self.perform(await self._host.handle(self.live, effect))

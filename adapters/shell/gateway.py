@@ -191,7 +191,10 @@ class Gateway:
         """Close every connection whose heartbeat (or identify) deadline passed."""
         now = self.clock.monotonic()
         for conn in list(self.admission.connections):
-            await conn.perform(conn.live.session.check_timers(now))
+            # A handshake still queued for admission is not timed out (PROTOCOL 15): the
+            # HEARTBEATs it sent meanwhile are held, and count once it is done.
+            if not conn.handshaking:
+                await conn.perform(conn.live.session.check_timers(now))
 
     # --- connection lifecycle ----------------------------------------------------
 

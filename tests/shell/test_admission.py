@@ -163,3 +163,25 @@ def test_frames_sent_while_queued_are_answered_after_ready_in_order() -> None:
         assert ops == ["READY", "HEARTBEAT_ACK", "ERROR", "SUBSCRIBED"]
 
     run(directory, settings, scenario)
+
+
+def test_a_long_queue_is_not_a_heartbeat_timeout() -> None:
+    """Queued behind a handshake that takes 50 s, a client that keeps heartbeating is
+    READY after ~100 s, past the 60 s heartbeat timeout: it is not closed 4009 (its
+    HEARTBEATs were held, not lost)."""
+    directory = PooledDirectory(size=1, latency=25.0)
+    settings = replace(SETTINGS, identify_concurrency=1, backend_timeout_ms=120_000)
+
+    async def scenario(world: World) -> None:
+        first = await identify(world, "u1")
+        await world.until(lambda: world.gateway.queue.admitted == 1, "the first admitted")
+        queued = await identify(world, "u2")
+        for _ in range(5):
+            await anyio.sleep(20.0)
+            await queued.send_op("HEARTBEAT")
+        assert (await first.event())["op"] == "READY"
+        assert (await queued.event())["op"] == "READY"
+        assert queued.close_code is None
+        assert [(await queued.event())["op"] for _ in range(5)] == ["HEARTBEAT_ACK"] * 5
+
+    run(directory, settings, scenario)
