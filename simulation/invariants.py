@@ -237,16 +237,22 @@ class Checker:
 
     def sent_subscribe(self, conn: Conn, server: str, text: str) -> None:
         self.trace.sent(conn.cid, text)
+        now = self.now()
+        # PROTOCOL 15: during a backend fault the answer may be ERROR UNAVAILABLE (the
+        # subscription then stays pending: its events are allowed, never owed).
+        fault = self.faults.backend_fault_during(now - EPS, now + EPS)
         if server in self.member_of[conn.user]:
             if conn.subs.get(server, NONE) == NONE:
                 conn.subs[server] = PENDING_SUB
                 self.server_index.setdefault(server, {})[conn] = None
                 self._catch_up(conn, "s:" + server)
-            conn.replies.append((f"SUBSCRIBED:{server}", False, self.now()))
+            conn.replies.append((f"SUBSCRIBED:{server}", fault, now))
         elif server in self.known_servers:
-            conn.replies.append(("ERROR:FORBIDDEN:SUBSCRIBE_SERVER", False, self.now()))
+            conn.replies.append(("ERROR:FORBIDDEN:SUBSCRIBE_SERVER", fault, now))
         else:
-            conn.replies.append(("ERROR:NOT_FOUND:SUBSCRIBE_SERVER", False, self.now()))
+            conn.replies.append(("ERROR:NOT_FOUND:SUBSCRIBE_SERVER", fault, now))
+        if fault:
+            conn.replies.append(("ERROR:UNAVAILABLE:SUBSCRIBE_SERVER", True, now))
 
     def sent_unsubscribe(self, conn: Conn, server: str, text: str) -> None:
         self.trace.sent(conn.cid, text)

@@ -57,6 +57,7 @@ def _entry(
     return kind, handler
 
 
+_SUB = "SUBSCRIBE_SERVER"
 _AUTH_FAILED = IdentifyFailed(CloseCode.AUTHENTICATION_FAILED, "authentication failed")
 
 
@@ -179,7 +180,8 @@ class Handlers:
                 exc,
                 extra={"session_id": session.session_id},
             )
-            return session.close(CloseCode.UNEXPECTED, "backend unavailable")
+            # PROTOCOL 15: answered, never a close; the client may subscribe again.
+            return session.refuse(ErrorCode.UNAVAILABLE, "backend unavailable, retry", _SUB)
         if session.state is not State.READY:  # closed while we waited
             await self._routes.unwatch_server(server_id)
             return ()

@@ -1,4 +1,4 @@
-"""PROTOCOL 15: a presence or typing write that fails is answered with an ERROR
+"""PROTOCOL 15: a presence, typing or subscribe call that fails is answered with an ERROR
 (UNAVAILABLE), never a close; the connection keeps serving and the op may be retried."""
 
 from __future__ import annotations
@@ -45,6 +45,24 @@ def test_a_failed_typing_write_is_an_error_and_the_retry_works() -> None:
         )
         await u1.send_op("TYPING_START", {"channelId": "c1"})
         assert (await u2.event())["op"] == "TYPING_START"
+        assert world.gateway.snapshot().closing == frozenset()
+
+    run_virtual(scenario)
+
+
+def test_a_failed_subscribe_is_an_error_and_the_retry_works() -> None:
+    async def scenario(world: World) -> None:
+        u2 = await world.login("u2")
+        world.directory.failing = True
+        await u2.send_op("SUBSCRIBE_SERVER", {"serverId": "s2"})
+        error = await u2.event()
+        world.directory.failing = False
+        assert (error["op"], error["d"]["code"], error["d"]["op"]) == (
+            "ERROR", "UNAVAILABLE", "SUBSCRIBE_SERVER"
+        )
+        assert world.gateway.snapshot().servers == {}  # nothing half-routed
+        await u2.send_op("SUBSCRIBE_SERVER", {"serverId": "s2"})
+        assert (await u2.event())["op"] == "SUBSCRIBED"
         assert world.gateway.snapshot().closing == frozenset()
 
     run_virtual(scenario)
