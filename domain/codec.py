@@ -26,6 +26,10 @@ class ErrorCode(StrEnum):
     FORBIDDEN = "FORBIDDEN"
     NOT_FOUND = "NOT_FOUND"
     TOO_MANY_SUBSCRIPTIONS = "TOO_MANY_SUBSCRIPTIONS"
+    NOT_SUBSCRIBED = "NOT_SUBSCRIBED"
+    #: PROTOCOL 15: a backend call for the op failed; nothing changed, the client may
+    #: send the op again (the connection stays).
+    UNAVAILABLE = "UNAVAILABLE"
 
 
 class CloseCode:
@@ -84,6 +88,17 @@ class Resume:
     seq: int
 
 
+@dataclass(frozen=True, slots=True)
+class SubscribePresence:
+    """PROTOCOL section 14: the members whose presence this connection shows."""
+
+    server_id: ServerId
+    user_ids: tuple[UserId, ...]
+
+
+#: At most this many ids in one SUBSCRIBE_PRESENCE.
+MAX_PRESENCE_IDS = 100
+
 Command = (
     Identify
     | Heartbeat
@@ -92,6 +107,7 @@ Command = (
     | TypingStart
     | PresenceUpdate
     | Resume
+    | SubscribePresence
 )
 
 
@@ -170,6 +186,24 @@ def _resume(d: object) -> Command | ProtocolError:
     return Resume(token, session_id, seq)
 
 
+def _subscribe_presence(d: object) -> Command | ProtocolError:
+    op = "SUBSCRIBE_PRESENCE"
+    sid = _field(d, op, "serverId")
+    if isinstance(sid, ProtocolError):
+        return sid
+    assert isinstance(d, dict)
+    ids = d.get("userIds")
+    if not isinstance(ids, list) or not all(isinstance(u, str) for u in ids):
+        return ProtocolError(
+            ErrorCode.INVALID_PAYLOAD, f"{op}: 'd.userIds' must be a list of strings", op
+        )
+    if len(ids) > MAX_PRESENCE_IDS:
+        return ProtocolError(
+            ErrorCode.INVALID_PAYLOAD, f"{op}: at most {MAX_PRESENCE_IDS} 'd.userIds'", op
+        )
+    return SubscribePresence(sid, tuple(ids))
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -207,6 +241,7 @@ CLIENT_OPS: dict[str, ClientOp] = {
         ClientOp("TYPING_START", TypingStart, _typing),
         ClientOp("PRESENCE_UPDATE", PresenceUpdate, _presence),
         ClientOp("RESUME", Resume, _resume),
+        ClientOp("SUBSCRIBE_PRESENCE", SubscribePresence, _subscribe_presence),
     )
 }
 _NAMES: dict[type[Command], str] = {op.command: op.name for op in CLIENT_OPS.values()}

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from domain.codec import ErrorCode
-from domain.model import ChannelId, Server, ServerId, Status, User
+from domain.model import ChannelId, Server, ServerId, Status, User, UserId
 
 # --- effects: what the shell must do ------------------------------------------------
 
@@ -71,7 +71,29 @@ class Reclaim:
     seq: int
 
 
-Effect = Send | Close | Authenticate | Subscribe | Unsubscribe | StartTyping | SetPresence | Reclaim
+@dataclass(frozen=True, slots=True)
+class WatchPresence:
+    """SUBSCRIBE_PRESENCE (PROTOCOL section 14): replace the connection's presence
+    interest for the server and read the listed members' statuses, then report a
+    :class:`PresenceSnapshot`. ``subscribed`` is the session's verdict; the shell
+    answers NOT_FOUND for an unknown server first, then NOT_SUBSCRIBED."""
+
+    server_id: ServerId
+    user_ids: tuple[UserId, ...]
+    subscribed: bool
+
+
+Effect = (
+    Send
+    | Close
+    | Authenticate
+    | Subscribe
+    | Unsubscribe
+    | StartTyping
+    | SetPresence
+    | Reclaim
+    | WatchPresence
+)
 
 
 # --- inputs the shell reports back (outcomes of effects, timers) ---------------------
@@ -153,6 +175,14 @@ class Reattach:
     rate: tuple[float, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class PresenceSnapshot:
+    """:class:`WatchPresence` done: the listed members' visible statuses, in order."""
+
+    server_id: ServerId
+    presences: tuple[tuple[UserId, Status], ...]
+
+
 Outcome = (
     Identified
     | IdentifyFailed
@@ -164,4 +194,5 @@ Outcome = (
     | Adopted
     | Dropped
     | Reattach
+    | PresenceSnapshot
 )

@@ -54,6 +54,20 @@ class Server:
     name: str
     owner_id: UserId
     icon_url: str | None = None
+    #: Members the directory counted (kept with the data: never a count per read).
+    #: Not part of a server's identity: two reads of one server compare equal.
+    member_count: int = field(default=0, compare=False)
+
+    def is_large(self, threshold: int) -> bool:
+        """More than ``threshold`` members (PROTOCOL section 14)."""
+        return self.member_count > threshold
+
+    def to_ready(self, threshold: int) -> dict[str, Any]:
+        """The Server object of READY: the fixture fields, memberCount and large."""
+        wire = self.to_wire()
+        wire["memberCount"] = self.member_count
+        wire["large"] = self.member_count > threshold
+        return wire
 
     def to_wire(self) -> dict[str, Any]:
         return {

@@ -113,6 +113,10 @@ class PresenceStore(Protocol):
 
     async def get_status(self, user_id: UserId) -> Status: ...
 
+    async def get_statuses(self, user_ids: Sequence[UserId]) -> list[Status]:
+        """The status of each user, in order (one round trip, for PRESENCE_SNAPSHOT)."""
+        ...
+
     async def keep_alive(self, instance_id: InstanceId, ttl_ms: int) -> bool:
         """Mark this instance's sessions alive for another ``ttl_ms``. Return True when
         the instance was registered already, False when it is new or was reaped (its

@@ -7,13 +7,14 @@ reaches and what it changes besides.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Hashable, Iterable
 from typing import TypeVar
 
 from domain.codec import Envelope
 from domain.model import UserId
 
 T = TypeVar("T")
+H = TypeVar("H", bound=Hashable)
 
 #: Events that invalidate cached permissions of their server (PROTOCOL section 7).
 INVALIDATING_OPS = frozenset(
@@ -54,3 +55,23 @@ def recipients(
     if exclude is not None:
         return [r for r in routed if user_of(r) != exclude]
     return routed
+
+
+PRESENCE_UPDATE = "PRESENCE_UPDATE"
+
+
+def presence_subject(envelope: Envelope) -> UserId | None:
+    """The user a ``PRESENCE_UPDATE`` is about (None for any other event)."""
+    if envelope.op != PRESENCE_UPDATE or not isinstance(envelope.d, dict):
+        return None
+    user_id = envelope.d.get("userId")
+    return user_id if isinstance(user_id, str) else None
+
+
+def presence_recipients(
+    routed: Collection[H], interested: Iterable[H], own: Iterable[H]
+) -> list[H]:
+    """PROTOCOL section 14: a PRESENCE_UPDATE for a *large* server reaches only the
+    routed sessions that asked for its user (SUBSCRIBE_PRESENCE), plus the user's own
+    routed sessions; each once. The cost is in the interested, not in the routed."""
+    return [c for c in dict.fromkeys((*interested, *own)) if c in routed]

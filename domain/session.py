@@ -73,6 +73,7 @@ from domain.effects import (
     TimerFired,
     Unsubscribe,
 )
+from domain.interest_rows import PRESENCE_OP, PRESENCE_OUTCOME
 from domain.model import Server, ServerId, SessionId, Status, User, UserId
 from domain.rate_limit import SlidingWindow
 from domain.replay import ReplayBuffer
@@ -132,6 +133,7 @@ OP_TABLE: dict[State, dict[type, Row[Any]]] = {
         _row(UnsubscribeServer, _NOT_AUTHENTICATED),
         _row(TypingStart, _NOT_AUTHENTICATED),
         _row(PresenceUpdate, _NOT_AUTHENTICATED),
+        _row(PRESENCE_OP[0], _NOT_AUTHENTICATED),
     ),
     State.IDENTIFYING: _rows(
         _row(Identify, _ALREADY_AUTHENTICATED),
@@ -141,6 +143,7 @@ OP_TABLE: dict[State, dict[type, Row[Any]]] = {
         _row(UnsubscribeServer, _NOT_AUTHENTICATED),
         _row(TypingStart, _NOT_AUTHENTICATED),
         _row(PresenceUpdate, _NOT_AUTHENTICATED),
+        _row(PRESENCE_OP[0], _NOT_AUTHENTICATED),
     ),
     State.READY: _rows(
         _row(Identify, _ALREADY_AUTHENTICATED),
@@ -150,6 +153,7 @@ OP_TABLE: dict[State, dict[type, Row[Any]]] = {
         _row(UnsubscribeServer, _unsubscribe),
         _row(TypingStart, _typing),
         _row(PresenceUpdate, _presence),
+        _row(*PRESENCE_OP),
     ),
     State.PARKED: {},  # no connection, no frames
     State.CLOSED: {},
@@ -157,11 +161,11 @@ OP_TABLE: dict[State, dict[type, Row[Any]]] = {
 
 
 def _identified(session: Session, outcome: Identified, now: float) -> list[Effect]:
-    session.user_id = outcome.user.id
+    session.user_id, large = outcome.user.id, session.config.large_server_members
     ready = {
         "sessionId": session.session_id,
         "user": outcome.user.to_wire(outcome.status),
-        "servers": [s.to_wire() for s in outcome.servers],
+        "servers": [s.to_ready(large) for s in outcome.servers],
     }
     return [Send(session.dispatch("READY", ready))]
 
@@ -216,6 +220,7 @@ OUTCOME_TABLE: dict[State, dict[type, Row[Any]]] = {
         _row(SubscribeConfirmed, _subscribe_confirmed),
         _row(Removed, _removed),
         _row(Reattach, reattach),  # a zombie's takeover: the old connection closes 4014
+        _row(*PRESENCE_OUTCOME),
         _TIMER,
         _REFUSED,
     ),

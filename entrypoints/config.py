@@ -98,6 +98,7 @@ class Config:
             resume_buffer_frames=_int(env, "GATEWAY_RESUME_BUFFER_FRAMES", 1_024, 0),
             replay_max_frames=_int(env, "GATEWAY_OUTBOUND_MAX_FRAMES", 2_048, 1),
             replay_max_bytes=_int(env, "GATEWAY_OUTBOUND_MAX_BYTES", 1 << 20, 1),
+            large_server_members=_int(env, "GATEWAY_LARGE_SERVER_MEMBERS", 250, 0),
         )
         settings = GatewaySettings(
             session=session,
@@ -110,6 +111,7 @@ class Config:
             max_connections_per_user=_int(env, "GATEWAY_MAX_CONNECTIONS_PER_USER", 0),
             permission_cache_ttl_ms=_int(env, "GATEWAY_PERMISSION_CACHE_TTL_MS", 30_000, 0),
             backend_timeout_ms=_int(env, "GATEWAY_BACKEND_TIMEOUT_MS", 5_000, 1),
+            identify_concurrency=_int(env, "GATEWAY_IDENTIFY_CONCURRENCY", 16, 1),
             presence_grace_ms=_int(env, "GATEWAY_PRESENCE_GRACE_MS", 15_000, 1),
             drain_timeout_ms=_int(env, "GATEWAY_DRAIN_TIMEOUT_MS", 10_000, 0),
             close_timeout_ms=_int(env, "GATEWAY_CLOSE_TIMEOUT_MS", 2_000, 1),

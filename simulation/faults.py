@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,10 +50,15 @@ DROP = "drop"
 SILENT = "silent"
 SLOW = "slow"
 DIRECTORY = "directory"
+#: A quarter of the instances (the busiest; at least one, never all) crash at once:
+#: their clients reconnect together, an IDENTIFY storm on the survivors (PROTOCOL 15).
+STORM = "storm"
 
-INFRA_FAULTS = (CRASH, BROKER_OUTAGE, DELAY, DIRECTORY)
+INFRA_FAULTS = (CRASH, BROKER_OUTAGE, DELAY, DIRECTORY, STORM)
 CLIENT_FAULTS = (DROP, SILENT, SLOW)
-ALL_FAULTS: tuple[str, ...] = (CRASH, BROKER_OUTAGE, DELAY, DROP, SILENT, SLOW, DIRECTORY)
+ALL_FAULTS: tuple[str, ...] = (
+    CRASH, BROKER_OUTAGE, DELAY, DROP, SILENT, SLOW, DIRECTORY, STORM
+)
 
 #: Largest latency a delay fault gives a broker link.
 MAX_DELAY = 0.8
@@ -253,6 +258,10 @@ class InstancePresence:
         self._life.check()
         return await self._inner.get_status(user_id)
 
+    async def get_statuses(self, user_ids: Sequence[UserId]) -> list[Status]:
+        self._life.check()
+        return await self._inner.get_statuses(user_ids)
+
     async def keep_alive(self, instance_id: InstanceId, ttl_ms: int) -> bool:
         self._life.check()
         return await self._inner.keep_alive(instance_id, ttl_ms)
@@ -360,5 +369,7 @@ def plan(
         spread(DELAY, 0.3, 10.0, 40.0)
     if DIRECTORY in faults:
         spread(DIRECTORY, 0.3, 2.0, 10.0)
+    if STORM in faults and instances >= 2:
+        spread(STORM, 0.15, 15.0, 40.0)
     planned.sort(key=lambda f: (f.at, f.kind))
     return planned

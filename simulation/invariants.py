@@ -237,16 +237,22 @@ class Checker:
 
     def sent_subscribe(self, conn: Conn, server: str, text: str) -> None:
         self.trace.sent(conn.cid, text)
+        now = self.now()
+        # PROTOCOL 15: during a backend fault the answer may be ERROR UNAVAILABLE (the
+        # subscription then stays pending: its events are allowed, never owed).
+        fault = self.faults.backend_fault_during(now - EPS, now + EPS)
         if server in self.member_of[conn.user]:
             if conn.subs.get(server, NONE) == NONE:
                 conn.subs[server] = PENDING_SUB
                 self.server_index.setdefault(server, {})[conn] = None
                 self._catch_up(conn, "s:" + server)
-            conn.replies.append((f"SUBSCRIBED:{server}", False, self.now()))
+            conn.replies.append((f"SUBSCRIBED:{server}", fault, now))
         elif server in self.known_servers:
-            conn.replies.append(("ERROR:FORBIDDEN:SUBSCRIBE_SERVER", False, self.now()))
+            conn.replies.append(("ERROR:FORBIDDEN:SUBSCRIBE_SERVER", fault, now))
         else:
-            conn.replies.append(("ERROR:NOT_FOUND:SUBSCRIBE_SERVER", False, self.now()))
+            conn.replies.append(("ERROR:NOT_FOUND:SUBSCRIBE_SERVER", fault, now))
+        if fault:
+            conn.replies.append(("ERROR:UNAVAILABLE:SUBSCRIBE_SERVER", True, now))
 
     def sent_unsubscribe(self, conn: Conn, server: str, text: str) -> None:
         self.trace.sent(conn.cid, text)
@@ -269,10 +275,17 @@ class Checker:
             conn.replies.append(("ERROR:NOT_FOUND:TYPING_START", optional, now))
         elif conn.user not in self.pop.readers[channel]:
             conn.replies.append(("ERROR:FORBIDDEN:TYPING_START", optional, now))
+        if self.faults.backend_fault_during(now - EPS, now + EPS):
+            # PROTOCOL 15: a typing write that failed is answered, never a close.
+            conn.replies.append(("ERROR:UNAVAILABLE:TYPING_START", True, now))
 
     def sent_presence(self, conn: Conn, text: str) -> None:
         self.trace.sent(conn.cid, text)
-        self._touch(conn.user, self.now() + EPS)
+        now = self.now()
+        self._touch(conn.user, now + EPS)
+        if self.faults.backend_fault_during(now - EPS, now + EPS):
+            # PROTOCOL 15: a presence write that failed is answered, never a close.
+            conn.replies.append(("ERROR:UNAVAILABLE:PRESENCE_UPDATE", True, now))
 
     def went_silent(self, conn: Conn) -> None:
         self.trace.event(conn.cid, "FAULT silent")
@@ -628,6 +641,19 @@ class Checker:
         rec.server = server
         rec.presence = (user, status)
         self._touch(user, rec.horizon + EPS)
+        if len(self.pop.members[server]) > self.settings.session.large_server_members:
+            # PROTOCOL 14: in a large server only the user's own subscribed connections
+            # (simulated clients ask for nobody's presence); anyone else is a violation.
+            # While the directory fails the fan-out cannot tell the server's size and
+            # delivers to every subscriber (more, never fewer): allowed then, not owed.
+            lenient = self.faults.directory_failing_during(rec.p - EPS, rec.horizon + EPS)
+            self._in_flight("s:" + server, rec, None, None)
+            for conn in self.server_index.get(server, ()):
+                if conn.user == user:
+                    self._expect(conn, rec, conn.subs[server] == SUBSCRIBED)
+                elif lenient:
+                    self._expect(conn, rec, False)
+            return
         self._expect_server(rec, server, None, None)
 
     def _in_flight(

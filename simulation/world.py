@@ -41,6 +41,7 @@ from simulation.faults import (
     DELAY,
     DIRECTORY,
     MAX_DELAY,
+    STORM,
     FaultLog,
     InstanceDirectory,
     InstancePresence,
@@ -79,6 +80,9 @@ class SimConfig:
     fault_plan: tuple[PlannedFault, ...] | None = None
     #: seconds between continuous checks; presence is checked every other time
     check_interval: float = 10.0
+    #: PROTOCOL 14's threshold for the simulated instances. Generated servers have 2 to
+    #: 48 members: at 20 the biggest are *large* (presence only to the user's own).
+    large_server_members: int = 20
 
     @property
     def active_seconds(self) -> float:
@@ -90,10 +94,11 @@ class SimConfig:
     resume_ttl_ms: int = 0
 
     def settings(self) -> GatewaySettings:
-        return GatewaySettings(
-            outbound_max_frames=self.outbound_max_frames,
-            session=SessionConfig(resume_ttl=self.resume_ttl_ms / 1000.0),
+        session = SessionConfig(
+            resume_ttl=self.resume_ttl_ms / 1000.0,
+            large_server_members=self.large_server_members,
         )
+        return GatewaySettings(outbound_max_frames=self.outbound_max_frames, session=session)
 
     @property
     def tail_seconds(self) -> float:
@@ -321,6 +326,22 @@ class World:
             victim = self.fault_rng.choice(serving)
             self.crash(victim)
             self.loop.call_at(end, self._restart, victim)
+        elif fault.kind == STORM:
+            serving = [i for i in self.instances if i.serving]
+            if len(serving) < 2:
+                return
+            load = {i.id: 0 for i in serving}
+            for conn in self.checker.open_conns:
+                if conn.instance_id in load:
+                    load[conn.instance_id] += 1
+            serving.sort(key=lambda i: (-load[i.id], i.slot))
+            victims = serving[: max(1, len(serving) // 4)]
+            self.faults.count(STORM)
+            held = sum(load[v.id] for v in victims)
+            self.trace.event("FAULT", f"storm: crash {[v.id for v in victims]} ({held} clients)")
+            for victim in victims:
+                self.crash(victim)
+                self.loop.call_at(end, self._restart, victim)
         elif fault.kind == BROKER_OUTAGE:
             self.faults.count(BROKER_OUTAGE)
             self.trace.event("FAULT", f"broker-outage for {fault.duration:.3f} s")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection, Mapping
 
 from domain.model import (
@@ -30,6 +31,8 @@ class MemoryDirectory:
         self._servers_of: dict[UserId, set[ServerId]] = {}
         self._roles_of: dict[ServerId, dict[str, Role]] = {}
         self._channels_of: dict[ServerId, dict[ChannelId, Channel]] = {}
+        #: Members per server, kept with the data (PROTOCOL 14: cheap to read).
+        self._member_counts: dict[ServerId, int] = {}
         self.statuses: dict[UserId, Status] = {}
         #: Fault injection: while set, every call raises BackendUnavailable.
         self.failing = False
@@ -51,6 +54,8 @@ class MemoryDirectory:
             self._roles[r.id] = r
             self._roles_of.setdefault(r.server_id, {})[r.id] = r
         for m in data.members:
+            if (m.server_id, m.user_id) not in self._members:
+                self._member_counts[m.server_id] = self._member_counts.get(m.server_id, 0) + 1
             self._members[(m.server_id, m.user_id)] = m
             self._servers_of.setdefault(m.user_id, set()).add(m.server_id)
         for c in data.channels:
@@ -74,9 +79,15 @@ class MemoryDirectory:
     async def get_user_servers(self, user_id: UserId) -> list[Server]:
         self._check()
         return sorted(
-            (self._servers[sid] for sid in self._servers_of.get(user_id, ())),
+            (self._counted(self._servers[sid]) for sid in self._servers_of.get(user_id, ())),
             key=lambda s: s.id,
         )
+
+    def _counted(self, server: Server) -> Server:
+        count = self._member_counts.get(server.id, 0)
+        if server.member_count == count:
+            return server
+        return dataclasses.replace(server, member_count=count)
 
     async def get_server_context(self, server_id: ServerId) -> ServerContext | None:
         self._check()
@@ -84,7 +95,7 @@ class MemoryDirectory:
         if server is None:
             return None
         return ServerContext(
-            server=server,
+            server=self._counted(server),
             roles=dict(self._roles_of.get(server_id, {})),
             channels=dict(self._channels_of.get(server_id, {})),
         )
@@ -114,7 +125,8 @@ class MemoryDirectory:
     # Mutations used by tests and the simulation (the directory's owners are other
     # services; they announce changes with the PROTOCOL section 7 events).
     def remove_member(self, server_id: ServerId, user_id: UserId) -> None:
-        self._members.pop((server_id, user_id), None)
+        if self._members.pop((server_id, user_id), None) is not None:
+            self._member_counts[server_id] -= 1
         self._servers_of.get(user_id, set()).discard(server_id)
 
     def put_channel(self, channel: Channel) -> None:

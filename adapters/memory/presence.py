@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from domain.model import InstanceId, PresenceChange, SessionId, Status, UserId
 from domain.ports import BackendUnavailable, Clock
 from domain.presence import PresenceEvent, transition
@@ -71,6 +73,10 @@ class MemoryPresenceStore:
     async def get_status(self, user_id: UserId) -> Status:
         self._check()
         return self._status.get(user_id, Status.OFFLINE)
+
+    async def get_statuses(self, user_ids: Sequence[UserId]) -> list[Status]:
+        self._check()
+        return [self._status.get(u, Status.OFFLINE) for u in user_ids]
 
     async def keep_alive(self, instance_id: InstanceId, ttl_ms: int) -> bool:
         self._check()

@@ -379,7 +379,7 @@ def _user(row: asyncpg.Record) -> User:
 
 def _server(row: asyncpg.Record) -> Server:
     return Server(id=row["id"], name=row["name"], owner_id=row["owner_id"],
-                  icon_url=row["icon_url"])
+                  icon_url=row["icon_url"], member_count=row["member_count"])
 
 
 def _overwrites(records: Sequence[tuple[str, str, int, int]]) -> tuple[Overwrite, ...]:

@@ -22,7 +22,7 @@ LIMIT 1
 """
 
 GET_USER_SERVERS = """
-SELECT s.id, s.name, s.owner_id, s.icon_url
+SELECT s.id, s.name, s.owner_id, s.icon_url, s.member_count
 FROM server_members m
 JOIN servers s ON s.id = m.server_id
 WHERE m.user_id = $1
@@ -39,7 +39,7 @@ ARRAY(
 """
 
 GET_SERVER_CONTEXT = f"""
-SELECT s.id, s.name, s.owner_id, s.icon_url,
+SELECT s.id, s.name, s.owner_id, s.icon_url, s.member_count,
        ARRAY(
            SELECT ROW(r.id, r.name, r.permissions)
            FROM roles r

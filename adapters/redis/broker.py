@@ -13,13 +13,9 @@ Theory of operation
   healthy again.
 
 When any of them fails, the session ends, the broker is unhealthy, and ``run``
-reconnects after an exponential, capped and jittered backoff.
-
-Subscription state
-------------------
-``_wanted`` is what the caller asked for, and survives reconnects; what one
-connection is known to have applied is its :class:`SubscriberSession`
-(:mod:`adapters.redis.subscriber`).
+reconnects after an exponential, capped and jittered backoff. ``_wanted`` is what the
+caller asked for, and survives reconnects; what one connection is known to have
+applied is its :class:`SubscriberSession` (:mod:`adapters.redis.subscriber`).
 
 While down
 ----------
@@ -42,6 +38,7 @@ import random
 from collections import defaultdict
 
 import anyio
+import anyio.lowlevel
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
@@ -122,6 +119,8 @@ class RedisBroker:
         self._wanted: set[str] = set()
         self._events: dict[str, anyio.Event] = {}
         self._write_lock = anyio.Lock()
+        #: Channels whose command awaits the next flush of ``_sync``.
+        self._dirty: set[str] = set()
         self._session: SubscriberSession | None = None
         self._healthy = False
         self._publish_blocked_until = 0.0
@@ -309,18 +308,25 @@ class RedisBroker:
         return session.healthy
 
     async def _sync(self, channel: str) -> None:
-        """Make the current connection's last command for ``channel`` match
-        ``_wanted``. Without a connection there is nothing to do: the next session
-        resubscribes what is wanted."""
+        """Make the connection's last command for ``channel`` match ``_wanted`` (none
+        without a connection: the next session resubscribes what is wanted). Channels
+        synced in one loop tick share one SUBSCRIBE and one UNSUBSCRIBE: the first
+        caller waits a checkpoint and writes for all (shielded: the batch is theirs too;
+        the write has its own bound); the others find their channel written."""
+        self._dirty.add(channel)
         async with self._write_lock:
+            if channel not in self._dirty:
+                return
+            await anyio.lowlevel.checkpoint()
+            dirty, self._dirty = sorted(self._dirty), set()
             session = self._session
             if session is None or session.failure is not None:
                 return
-            wanted = channel in self._wanted
-            if session.send(channel, wanted):
-                await write(
-                    session, self._write_timeout, "SUBSCRIBE" if wanted else "UNSUBSCRIBE", channel
-                )
+            for command, on in (("SUBSCRIBE", True), ("UNSUBSCRIBE", False)):
+                batch = [c for c in dirty if (c in self._wanted) is on and session.send(c, on)]
+                if batch:
+                    with anyio.CancelScope(shield=True):
+                        await write(session, self._write_timeout, command, *batch)
 
     async def _resubscribe(self, session: SubscriberSession) -> None:
         channels = sorted(self._wanted)

@@ -272,6 +272,22 @@ class RedisPresenceStore:
         except ValueError:
             return Status.OFFLINE
 
+    async def get_statuses(self, user_ids: Sequence[UserId]) -> list[Status]:
+        if not user_ids:
+            return []
+        with unavailable_as("presence get_statuses", self._timeout):
+            pipe = self._client.pipeline(transaction=False)
+            for user_id in user_ids:
+                pipe.get(presence_key(user_id))
+            values = await pipe.execute()
+        statuses = []
+        for value in values:
+            try:
+                statuses.append(Status.OFFLINE if value is None else Status(_text(value)))
+            except ValueError:
+                statuses.append(Status.OFFLINE)
+        return statuses
+
     async def keep_alive(self, instance_id: InstanceId, ttl_ms: int) -> bool:
         if ttl_ms <= 0:
             raise ValueError(f"ttl_ms must be positive, got {ttl_ms}")

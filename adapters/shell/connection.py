@@ -34,7 +34,7 @@ import anyio.abc
 from adapters.shell.live import Adopt, LiveSession, Work
 from adapters.shell.metrics import Metrics
 from domain.codec import CloseCode
-from domain.effects import Close, Reattach, Send
+from domain.effects import Authenticate, Close, Reattach, Reclaim, Send
 from domain.ports import Clock, MessageTooBig, Transport, TransportClosed
 from domain.session import Session, State
 
@@ -54,6 +54,11 @@ class SessionHost(Protocol):
         ...
 
 
+#: Effects run beside the reader rather than in it: handshakes (IDENTIFY, RESUME),
+#: which may wait long in the admission queue (PROTOCOL 15).
+OFF_READER: tuple[type, ...] = (Authenticate, Reclaim)
+
+
 @dataclass(frozen=True, slots=True)
 class SocketLimits:
     outbound_max_frames: int
@@ -69,9 +74,11 @@ class Connection:
         "_close_deadline",
         "_event_class",
         "_group",
+        "_held",
         "_host",
         "_limits",
         "_metrics",
+        "_resume",
         "_send_scope",
         "_wake",
         "close_code",
@@ -113,6 +120,9 @@ class Connection:
         self._event_class = type(self._wake)
         self._send_scope: anyio.CancelScope | None = None
         self._group: anyio.abc.TaskGroup | None = None
+        #: While a handshake runs beside the reader: the frames read meanwhile.
+        self._held: deque[str | bytes] | None = None
+        self._resume = anyio.Event()
         live.attach(self)
 
     # --- the interpreter ----------------------------------------------------------
@@ -130,6 +140,16 @@ class Connection:
                 self._closed_by_session(effect)
             elif isinstance(effect, Adopt):
                 pending.extendleft(reversed(self._adopt(effect)))
+            elif isinstance(effect, OFF_READER) and self._group is not None and self._held is None:
+                # A handshake may queue long for admission (PROTOCOL 15). It runs in a
+                # task of its own, so that the reader goes on reading: a client that
+                # leaves ends the connection and cancels the handshake wherever it
+                # waits. Frames read meanwhile wait in ``_held`` and run after it, in
+                # order, exactly as if the reader had waited. A handshake started by one
+                # of those frames (IDENTIFY or RESUME after INVALID_SESSION) runs in that
+                # same task, below, the frames after it still held.
+                self._held = deque()
+                self._group.start_soon(self._perform_handled, effect)
             else:
                 live = self.live
                 answer = await self._host.handle(live, effect)
@@ -184,6 +204,37 @@ class Connection:
             self.outbound.clear()
             self.queued_bytes = 0
         self._wake.set()
+
+    @property
+    def handshaking(self) -> bool:
+        """A handshake runs beside the reader (its frames are held until it is done)."""
+        return self._held is not None
+
+    async def _perform_handled(self, effect: Work) -> None:
+        try:
+            live = self.live
+            answer = await self._host.handle(live, effect)
+            if self.live is live:
+                await self.perform(answer)
+            else:  # taken over while the handler ran: as in perform
+                await self._forward(live, answer)
+            held = self._held
+            while held:  # no await between the last check and the reset below
+                await self._handle_frame(held.popleft())
+        finally:
+            self._held = None
+            self._resume.set()
+        session = self.live.session
+        if session.state is State.AWAITING_IDENTIFY and self._group is not None:
+            # INVALID_SESSION (section 13): IDENTIFY is due within the timeout again, but
+            # the reader may be waiting for a frame with no deadline (it was IDENTIFYING).
+            self._group.start_soon(self._identify_timer, session)
+
+    async def _identify_timer(self, session: Session) -> None:
+        clock = self._clock
+        while self.live.session is session and session.state is State.AWAITING_IDENTIFY:
+            await anyio.sleep(max(0.0, session.identify_deadline - clock.monotonic()))
+            await self.perform(session.check_timers(clock.monotonic()))
 
     # --- outbound -----------------------------------------------------------------
 
@@ -310,7 +361,6 @@ class Connection:
 
     async def _read(self) -> None:
         clock = self._clock
-        hot = self._metrics.hot
         while (session := self.live.session).state is not State.CLOSED:
             raw: str | bytes | None = None
             if session.state is State.AWAITING_IDENTIFY:
@@ -323,16 +373,31 @@ class Connection:
                 raw = await self._receive_one()
                 if raw is None:
                     continue
-            hot.bytes_in += len(raw)
-            effects = session.receive(raw, clock.monotonic())
-            hot.frames_in[session.last_op or "none"] += 1
-            await self.perform(effects)
+            held = self._held
+            if held is None:
+                await self._handle_frame(raw)
+                continue
+            held.append(raw)
+            if len(held) > session.config.rate_limit_count:
+                # Over the rate limit anyway: stop reading until the handshake is done
+                # (the held frames then close the connection 4008, in order).
+                self._resume = self._event_class()
+                if self._held is not None:
+                    await self._resume.wait()
         # Closed by us: the sender finishes the close handshake. Keep reading (and
         # discarding) until the peer's close or the end of the transport.
         receive = self.transport.receive
         while True:
             with contextlib.suppress(MessageTooBig):
                 await receive()
+
+    async def _handle_frame(self, raw: str | bytes) -> None:
+        session = self.live.session
+        hot = self._metrics.hot
+        hot.bytes_in += len(raw)
+        effects = session.receive(raw, self._clock.monotonic())
+        hot.frames_in[session.last_op or "none"] += 1
+        await self.perform(effects)
 
     async def _receive_one(self) -> str | bytes | None:
         try:

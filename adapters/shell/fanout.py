@@ -17,6 +17,7 @@ import anyio
 from adapters.shell.live import LiveSession
 from adapters.shell.metrics import Metrics
 from adapters.shell.permissions import PermissionCache
+from adapters.shell.presence_interest import PresenceInterest
 from adapters.shell.publisher import BACKEND_ERRORS
 from adapters.shell.routing import Routes
 from domain import keys, recipients
@@ -37,8 +38,13 @@ class FanOut:
         permissions: PermissionCache,
         metrics: Metrics,
         backend_timeout: float,
+        *,
+        interest: PresenceInterest | None = None,
+        large_server_members: int = 250,
     ) -> None:
         self._routes = routes
+        self._interest = interest or PresenceInterest()
+        self._large = large_server_members
         self._permissions = permissions
         self._metrics = metrics
         self._timeout = backend_timeout
@@ -77,6 +83,18 @@ class FanOut:
                 delivered += 1
         self._metrics.hot.deliveries += delivered
 
+    async def _is_large(self, server_id: ServerId) -> bool:
+        """A large server (PROTOCOL 14), from the cached context; when the directory
+        cannot say, the event goes to every subscriber (more, never fewer)."""
+        try:
+            with anyio.fail_after(self._timeout):
+                context = await self._permissions.server(server_id)
+        except BACKEND_ERRORS as exc:
+            self._metrics.backend_failures.labels("fanout").inc()
+            log.warning("fan-out: size of %s unknown, presence to all: %r", server_id, exc)
+            return False
+        return context is not None and context.server.is_large(self._large)
+
     async def _to_server(self, server_id: ServerId, envelope: Envelope) -> None:
         if recipients.invalidates_permissions(envelope):
             self._permissions.invalidate_server(server_id)
@@ -93,7 +111,15 @@ class FanOut:
                     readers = await self._permissions.readers(
                         server_id, envelope.channel_id, candidates
                     )
-            self._deliver(recipients.recipients(routed, _user_of, exclude, readers), envelope)
+            targets = recipients.recipients(routed, _user_of, exclude, readers)
+            subject = recipients.presence_subject(envelope)
+            if subject is not None and await self._is_large(server_id):
+                targets = recipients.presence_recipients(
+                    targets,
+                    self._interest.interested(server_id, subject),
+                    self._routes.by_user.get(subject, ()),
+                )
+            self._deliver(targets, envelope)
         if removed is not None:
             # Delivered first, then UNSUBSCRIBED, then nothing more from the server (7a).
             for live in list(self._routes.by_user.get(removed, ())):

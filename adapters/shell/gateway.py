@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 import anyio
 from anyio.abc import TaskStatus
 
+from adapters.shell.admission import Admission
 from adapters.shell.connection import Connection, SocketLimits
 from adapters.shell.drain import Drain
 from adapters.shell.fanout import FanOut
@@ -29,6 +30,7 @@ from adapters.shell.live import LiveSession
 from adapters.shell.metrics import Metrics
 from adapters.shell.permissions import PermissionCache
 from adapters.shell.presence import PresenceKeeper
+from adapters.shell.presence_interest import PresenceInterest, PresenceWatch
 from adapters.shell.publisher import BACKEND_ERRORS, Publisher
 from adapters.shell.resume import Resumer
 from adapters.shell.routing import Routes
@@ -83,7 +85,17 @@ class Gateway:
         permissions = PermissionCache(directory, clock, seconds(s.permission_cache_ttl_ms))
         self.publisher = Publisher(broker, self.metrics, timeout)
         self.routes = Routes(broker)
-        self.fanout = FanOut(self.routes, permissions, self.metrics, timeout)
+        self.interest = PresenceInterest()
+        #: PROTOCOL 15: the bounded IDENTIFY (and RESUME) queue of this instance.
+        self.queue = Admission(s.identify_concurrency)
+        self.fanout = FanOut(
+            self.routes,
+            permissions,
+            self.metrics,
+            timeout,
+            interest=self.interest,
+            large_server_members=s.session.large_server_members,
+        )
         self.keeper = PresenceKeeper(
             store=presence,
             directory=directory,
@@ -137,6 +149,9 @@ class Gateway:
             presence=self.keeper,
             typing=typing,
             resumer=self.resumer,
+            interest=self.interest,
+            watch=PresenceWatch(self.interest, permissions, presence, self.metrics, timeout),
+            admission=self.queue,
             on_closed=self.closed,
         )
         # The in-process publishing API (PROTOCOL section 8).
@@ -217,7 +232,10 @@ class Gateway:
         """Close every connection whose heartbeat (or identify) deadline passed."""
         now = self.clock.monotonic()
         for conn in list(self.admission.connections):
-            await conn.perform(conn.live.session.check_timers(now))
+            # A handshake still queued for admission is not timed out (PROTOCOL 15): the
+            # HEARTBEATs it sent meanwhile are held, and count once it is done.
+            if not conn.handshaking:
+                await conn.perform(conn.live.session.check_timers(now))
 
     # --- connection lifecycle ----------------------------------------------------
 
@@ -228,6 +246,7 @@ class Gateway:
         if session.state is not State.CLOSED:
             session.close(conn.close_code or CloseCode.GOING_AWAY, "gone")
         parked = self.resumer.park(live, conn.close_code, conn.close_side == "client")
+        self.interest.drop_all(live)
         try:
             if not parked:  # parked: routes and presence stay until it ends (section 13)
                 self.resumer.forget(live)

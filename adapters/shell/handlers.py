@@ -10,18 +10,21 @@ their own rooms.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import anyio
 
+from adapters.shell.admission import Admission
 from adapters.shell.connection import Connection
 from adapters.shell.live import Announce, LiveSession, Work
 from adapters.shell.metrics import Metrics
 from adapters.shell.permissions import PermissionCache
 from adapters.shell.presence import PresenceKeeper
+from adapters.shell.presence_interest import PresenceInterest, PresenceWatch
 from adapters.shell.publisher import BACKEND_ERRORS
 from adapters.shell.resume import Resumer
 from adapters.shell.routing import Routes
@@ -38,6 +41,7 @@ from domain.effects import (
     Subscribe,
     SubscribeConfirmed,
     Unsubscribe,
+    WatchPresence,
 )
 from domain.ports import Clock, Directory, InvalidToken, TokenVerifier
 from domain.session import State
@@ -55,6 +59,7 @@ def _entry(
     return kind, handler
 
 
+_SUB = "SUBSCRIBE_SERVER"
 _AUTH_FAILED = IdentifyFailed(CloseCode.AUTHENTICATION_FAILED, "authentication failed")
 
 
@@ -72,6 +77,9 @@ class Handlers:
         presence: PresenceKeeper,
         typing: TypingIndicators,
         resumer: Resumer,
+        interest: PresenceInterest,
+        watch: PresenceWatch,
+        admission: Admission,
         on_closed: Callable[[Connection], Awaitable[None]],
     ) -> None:
         self._on_closed = on_closed
@@ -82,6 +90,8 @@ class Handlers:
         self._metrics = metrics
         self._routes = routes
         self._permissions = permissions
+        self._interest = interest
+        self._admission = admission
         self._timeout = seconds(settings.backend_timeout_ms)
         self.table: dict[type, Handler] = dict(
             [
@@ -92,6 +102,7 @@ class Handlers:
                 _entry(SetPresence, presence.set_status),
                 _entry(Announce, presence.announce),
                 _entry(Reclaim, self.resume),
+                _entry(WatchPresence, watch.watch),
             ]
         )
         self._presence = presence
@@ -113,7 +124,7 @@ class Handlers:
             log.info("identify refused: %s", exc, extra={"session_id": session.session_id})
             return session.report(_AUTH_FAILED)
         try:
-            with anyio.fail_after(self._timeout):
+            async with self._admitted():
                 started = time.perf_counter()
                 user = await self._directory.get_user(user_id)
                 if user is None:
@@ -148,8 +159,19 @@ class Handlers:
         ]
 
     async def resume(self, live: LiveSession, effect: Reclaim) -> Sequence[Work]:
-        """RESUME enters where IDENTIFY does (section 13; see adapters.shell.resume)."""
-        return await self._resumer.reclaim(live, effect)
+        """RESUME enters where IDENTIFY does (section 13; see adapters.shell.resume),
+        through the same admission queue (PROTOCOL 15: a storm of IDENTIFY or RESUME).
+        The resumer bounds each of its backend calls itself."""
+        async with self._admission.slot():
+            return await self._resumer.reclaim(live, effect)
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self) -> AsyncIterator[None]:
+        """PROTOCOL 15: queued (FIFO, no timer) until admitted; one deadline from then."""
+        async with self._admission.slot():
+            with anyio.fail_after(self._timeout):
+                yield
+
 
     async def subscribe(self, live: LiveSession, effect: Subscribe) -> Sequence[Work]:
         session = live.session
@@ -172,7 +194,8 @@ class Handlers:
                 exc,
                 extra={"session_id": session.session_id},
             )
-            return session.close(CloseCode.UNEXPECTED, "backend unavailable")
+            # PROTOCOL 15: answered, never a close; the client may subscribe again.
+            return session.refuse(ErrorCode.UNAVAILABLE, "backend unavailable, retry", _SUB)
         if session.state is not State.READY:  # closed while we waited
             await self._routes.unwatch_server(server_id)
             return ()
@@ -182,4 +205,5 @@ class Handlers:
 
     async def unsubscribe(self, live: LiveSession, effect: Unsubscribe) -> Sequence[Work]:
         self._routes.unroute(live, effect.server_id)
+        self._interest.drop(live, effect.server_id)  # UNSUBSCRIBE_SERVER ends it (14)
         return ()

@@ -20,7 +20,7 @@ from adapters.shell.live import Announce, LiveSession, Work
 from adapters.shell.metrics import Metrics
 from adapters.shell.publisher import BACKEND_ERRORS, Publisher
 from adapters.shell.settings import GatewaySettings, seconds
-from domain.codec import CloseCode
+from domain.codec import ErrorCode
 from domain.effects import SetPresence
 from domain.model import InstanceId, PresenceChange, Server, SessionId, Status, UserId
 from domain.ports import Clock, Directory, PresenceStore
@@ -89,7 +89,10 @@ class PresenceKeeper:
                 exc,
                 extra={"session_id": live.session_id},
             )
-            return live.session.close(CloseCode.UNEXPECTED, "backend unavailable")
+            # PROTOCOL 15: answered, never a close; nothing changed, the client may retry.
+            return live.session.refuse(
+                ErrorCode.UNAVAILABLE, "presence unavailable, retry", "PRESENCE_UPDATE"
+            )
         await self.changed(change, live.servers)
         return ()
 

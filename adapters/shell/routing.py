@@ -50,7 +50,18 @@ class Routes:
         """Route ``ws:user:{id}`` here; returns once its events reach the session."""
         self.by_user.setdefault(user_id, set()).add(live)
         live.user_routed = True
-        await self.interest.acquire(keys.user_channel(user_id))
+        try:
+            await self.interest.acquire(keys.user_channel(user_id))
+        except BaseException:
+            # acquire released its own reference: the route goes too, so that the
+            # teardown does not release a reference another session holds.
+            live.user_routed = False
+            sessions = self.by_user.get(user_id)
+            if sessions is not None:
+                sessions.discard(live)
+                if not sessions:
+                    del self.by_user[user_id]
+            raise
 
     async def unroute_user(self, live: LiveSession, user_id: UserId) -> None:
         if not live.user_routed:

@@ -27,8 +27,10 @@ class GatewaySettings:
     max_connections_per_user: int = 0
     #: Directory lookups for permissions are cached this long (invalidated by events).
     permission_cache_ttl_ms: int = 30_000
-    #: Bound on any one backend call made for a client.
+    #: Bound on any one backend call made for a client (from admission, not queueing).
     backend_timeout_ms: int = 5_000
+    #: PROTOCOL 15: handshakes (IDENTIFY) doing backend work at once; the rest queue.
+    identify_concurrency: int = 16
     #: From the decision to close, how long the queued frames, the close frame and the
     #: peer's answer may take before the transport is aborted (PROTOCOL section 6).
     close_timeout_ms: int = 2_000

@@ -65,8 +65,11 @@ class TypingIndicators:
                 claimed = await self._gate.claim(keys.typing_key(channel_id, user.id), self._ttl_ms)
         except BACKEND_ERRORS as exc:
             self._metrics.backend_failures.labels("typing").inc()
-            log.warning("typing dropped, backend unavailable: %r", exc)
-            return ()
+            log.warning("typing failed, backend unavailable: %r", exc)
+            # PROTOCOL 15: answered, never a close and never silent; the client may retry.
+            return session.refuse(
+                ErrorCode.UNAVAILABLE, "typing unavailable, retry", "TYPING_START"
+            )
         if not claimed:
             return ()
         self._metrics.typing_dispatched.inc()

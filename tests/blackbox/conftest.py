@@ -465,6 +465,7 @@ class GatewayServer:
         assert gateway.snapshot().servers == {}, gateway.snapshot().servers
         assert gateway.snapshot().users == {}, gateway.snapshot().users
         assert gateway.snapshot().interest == {}, gateway.snapshot().interest
+        assert gateway.interest.size() == (0, 0), "presence interest left behind (PROTOCOL 14)"
         # Only the instance's own RESUME handoff channels (section 13) stay subscribed.
         handoff = {"gw:resume", "gw:instance:" + gateway.instance_id}
         if not gateway.resumer.enabled:

@@ -98,6 +98,8 @@ class Subject:
     directory: Directory
     #: The status stored for a user (None when nothing was stored).
     stored_status: Callable[[str], Awaitable[Status | None]]
+    #: End a membership the way the directory's owners do (not a port method).
+    remove_member: Callable[[str, str], Awaitable[None]]
 
 
 def _with_port(port: int) -> str:
@@ -167,7 +169,10 @@ def subject(request: pytest.FixtureRequest) -> Subject:
         async def memory_status(user_id: str) -> Status | None:
             return memory.statuses.get(user_id)
 
-        return Subject("memory", memory, memory_status)
+        async def memory_remove(server_id: str, user_id: str) -> None:
+            memory.remove_member(server_id, user_id)
+
+        return Subject("memory", memory, memory_status, memory_remove)
 
     directory: PostgresDirectory = request.getfixturevalue("postgres_directory")
     conn: asyncpg.Connection[Any] = request.getfixturevalue("pg_conn")
@@ -176,7 +181,12 @@ def subject(request: pytest.FixtureRequest) -> Subject:
         value = await conn.fetchval("SELECT status FROM users WHERE id = $1", user_id)
         return None if value is None else Status(value)
 
-    return Subject("postgres", directory, postgres_status)
+    async def postgres_remove(server_id: str, user_id: str) -> None:
+        await conn.execute(
+            "DELETE FROM server_members WHERE server_id = $1 AND user_id = $2", server_id, user_id
+        )
+
+    return Subject("postgres", directory, postgres_status, postgres_remove)
 
 
 @pytest.fixture
@@ -219,6 +229,10 @@ async def snapshot(directory: Directory, data: DirectoryData) -> dict[str, Any]:
                      else None for c in data.channels},
         "members": {sid: _member_view(await directory.get_members(sid, user_ids))
                     for sid in server_ids},
+        # Server equality leaves the count out: compared here on its own.
+        "member_counts": {sid: ctx.server.member_count if
+                          (ctx := await directory.get_server_context(sid)) else None
+                          for sid in server_ids},
     }
 
 
@@ -613,3 +627,70 @@ def test_the_data_is_consistent() -> None:
     from domain.fixtures import dump_directory, parse_directory
 
     assert parse_directory(dump_directory(DATA)) == DATA
+
+
+# --- Member counts (PROTOCOL section 14) ----------------------------------------------
+
+DATA_COUNTS = {"s1": 4, "s2": 2, "s10": 1, "S3": 2}
+
+
+async def _counts_of(directory: Directory, user_id: str) -> dict[str, int]:
+    return {s.id: s.member_count for s in await directory.get_user_servers(user_id)}
+
+
+async def test_member_counts_are_read_with_the_servers(loaded: Directory) -> None:
+    assert await _counts_of(loaded, "u1") == DATA_COUNTS
+    assert await _counts_of(loaded, "u3") == {"s1": 4, "S3": 2}
+    for sid, count in DATA_COUNTS.items():
+        context = await loaded.get_server_context(sid)
+        assert context is not None and context.server.member_count == count
+
+
+async def test_member_counts_follow_loads_and_removals(subject: Subject) -> None:
+    directory = subject.directory
+    await directory.load(DATA)
+    await directory.load(DATA)  # the same members again: counted once
+    assert await _counts_of(directory, "u1") == DATA_COUNTS
+    more = DirectoryData(users=DATA.users, servers=DATA.servers,
+                         members=(Member("s2", "u3"), Member("s2", "u4"), Member("s2", "u1")))
+    await directory.load(more)
+    assert (await _counts_of(directory, "u1"))["s2"] == 4
+    await subject.remove_member("s2", "u4")
+    await subject.remove_member("s2", "u4")  # not a member any more: no change
+    await subject.remove_member("s1", "u1")
+    assert await _counts_of(directory, "u1") == {"s2": 3, "s10": 1, "S3": 2}  # left s1
+    assert await _counts_of(directory, "u2") == {"s1": 3, "s2": 3}
+
+
+async def test_postgres_member_count_is_backfilled_by_the_migration(
+    database_url: str,
+) -> None:
+    """A schema with members from before 0002 gets their counts when it migrates."""
+    schema = f"test_count_{uuid.uuid4().hex[:12]}"
+    conn = await _admin(database_url)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+        inner = await _admin(database_url, schema)
+        try:
+            from adapters.postgres.migrations import available_migrations
+
+            first = available_migrations()[0]
+            assert first.version == 1
+            await inner.execute(first.sql)
+            await inner.execute("INSERT INTO users (id, username) VALUES ('a', 'a'), ('b', 'b')")
+            await inner.execute("INSERT INTO servers (id, name, owner_id) VALUES ('x', 'X', 'a')")
+            await inner.execute("INSERT INTO server_members VALUES ('x', 'a'), ('x', 'b')")
+            await inner.execute(
+                "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now());"
+                " INSERT INTO schema_migrations (version, name) VALUES (1, 'initial')"
+            )
+            assert 2 in await migrate(inner)
+            assert await inner.fetchval("SELECT member_count FROM servers WHERE id='x'") == 2
+            await inner.execute("DELETE FROM users WHERE id = 'b'")  # cascades to members
+            assert await inner.fetchval("SELECT member_count FROM servers WHERE id='x'") == 1
+        finally:
+            await inner.close()
+    finally:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()

@@ -410,3 +410,18 @@ async def test_redis_store_reports_an_unreachable_server() -> None:
         ):
             with pytest.raises(BackendUnavailable):
                 await call
+
+
+async def test_get_statuses_in_order_in_one_call(world: PresenceWorld) -> None:
+    """PRESENCE_SNAPSHOT's read (PROTOCOL 14): each user's status, in the order asked."""
+    online, dnd, invisible, never = (world.user() for _ in range(4))
+    await world.store.session_opened("i1", online, "a")
+    await world.store.session_opened("i1", dnd, "b")
+    await world.store.set_status(dnd, DND)
+    await world.store.session_opened("i1", invisible, "c")
+    await world.store.set_status(invisible, INV)
+    asked = [never, invisible, online, dnd, online]
+    assert await world.store.get_statuses(asked) == [OFF, INV, ON, DND, ON]
+    assert await world.store.get_statuses([]) == []
+    await world.store.session_closed("i1", online, "a")
+    assert await world.other.get_statuses([online, dnd]) == [OFF, DND]

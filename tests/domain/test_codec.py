@@ -27,6 +27,7 @@ from domain.codec import (
     PresenceUpdate,
     ProtocolError,
     Resume,
+    SubscribePresence,
     SubscribeServer,
     TypingStart,
     UnsubscribeServer,
@@ -145,6 +146,7 @@ payload_like = st.one_of(
             "serverId": json_scalars,
             "channelId": json_scalars,
             "status": st.sampled_from([*SETTABLE, "offline", "ONLINE", ""]) | json_scalars,
+            "userIds": st.lists(any_text | json_scalars, max_size=3) | json_scalars,
         },
     ),
 )
@@ -168,6 +170,7 @@ commands: st.SearchStrategy[Command] = st.one_of(
     st.builds(TypingStart, any_text),
     st.builds(PresenceUpdate, st.sampled_from([Status(s) for s in SETTABLE])),
     st.builds(Resume, any_text, any_text, st.integers(min_value=0, max_value=2**63)),
+    st.builds(SubscribePresence, any_text, st.lists(any_text, max_size=100).map(tuple)),
 )
 
 
@@ -186,6 +189,9 @@ def command_frame(command: Command) -> dict[str, Any]:
     if isinstance(command, Resume):
         d = {"token": command.token, "sessionId": command.session_id, "seq": command.seq}
         return {"op": "RESUME", "d": d}
+    if isinstance(command, SubscribePresence):
+        d = {"serverId": command.server_id, "userIds": list(command.user_ids)}
+        return {"op": "SUBSCRIBE_PRESENCE", "d": d}
     return {"op": "PRESENCE_UPDATE", "d": {"status": command.status.value}}
 
 
@@ -479,3 +485,31 @@ def test_resume_invalid_payload(d: Any) -> None:
 def test_resume_decodes() -> None:
     frame = {"op": "RESUME", "d": {"token": "t", "sessionId": "a", "seq": 0, "x": 1}}
     assert decode_command(json.dumps(frame)) == Resume("t", "a", 0)
+
+
+# --- SUBSCRIBE_PRESENCE (PROTOCOL section 14) -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "d",
+    [
+        None, [], {"userIds": []}, {"serverId": 1, "userIds": []}, {"serverId": "s1"},
+        {"serverId": "s1", "userIds": "u1"}, {"serverId": "s1", "userIds": ["u1", 2]},
+        {"serverId": "s1", "userIds": [None]}, {"serverId": "s1", "userIds": {"u1": 1}},
+        {"serverId": "s1", "userIds": [f"u{i}" for i in range(101)]},
+    ],
+)
+def test_subscribe_presence_bad_payloads_are_invalid(d: Any) -> None:
+    decoded = decode_command(json.dumps({"op": "SUBSCRIBE_PRESENCE", "d": d}))
+    assert isinstance(decoded, ProtocolError)
+    assert decoded.code is ErrorCode.INVALID_PAYLOAD and decoded.op == "SUBSCRIBE_PRESENCE"
+
+
+def test_subscribe_presence_keeps_order_duplicates_and_100_ids() -> None:
+    ids = [f"u{i}" for i in range(100)]
+    frame = {"op": "SUBSCRIBE_PRESENCE", "d": {"serverId": "s1", "userIds": ids}}
+    assert decode_command(json.dumps(frame)) == SubscribePresence("s1", tuple(ids))
+    frame["d"] = {"serverId": "s1", "userIds": ["b", "a", "b"], "extra": 1}
+    assert decode_command(json.dumps(frame)) == SubscribePresence("s1", ("b", "a", "b"))
+    frame["d"] = {"serverId": "s1", "userIds": []}
+    assert decode_command(json.dumps(frame)) == SubscribePresence("s1", ())

@@ -16,6 +16,7 @@ from domain.codec import (
     Identify,
     PresenceUpdate,
     Resume,
+    SubscribePresence,
     SubscribeServer,
     TypingStart,
     UnsubscribeServer,
@@ -32,6 +33,7 @@ from domain.effects import (
     StartTyping,
     Subscribe,
     Unsubscribe,
+    WatchPresence,
 )
 from domain.model import Server, Status, User
 from domain.rate_limit import SlidingWindow
@@ -49,7 +51,10 @@ CONFIG = SessionConfig(
 ALICE = User(id="u1", username="alice", display_name="Alice", avatar_url=None)
 HOME = Server(id="s1", name="Home", owner_id="u1", icon_url=None)
 
-READY_OPS = ("SUBSCRIBE_SERVER", "UNSUBSCRIBE_SERVER", "TYPING_START", "PRESENCE_UPDATE")
+READY_OPS = (
+    "SUBSCRIBE_SERVER", "UNSUBSCRIBE_SERVER", "TYPING_START", "PRESENCE_UPDATE",
+    "SUBSCRIBE_PRESENCE",
+)
 GOOD_D: dict[str, Any] = {
     "IDENTIFY": {"token": "jwt"},
     "HEARTBEAT": None,
@@ -58,6 +63,7 @@ GOOD_D: dict[str, Any] = {
     "TYPING_START": {"channelId": "c1"},
     "PRESENCE_UPDATE": {"status": "dnd"},
     "RESUME": {"token": "jwt", "sessionId": "old", "seq": 3},
+    "SUBSCRIBE_PRESENCE": {"serverId": "s1", "userIds": ["u2"]},
 }
 COMMANDS: dict[str, Command] = {
     "IDENTIFY": Identify("jwt"),
@@ -67,6 +73,7 @@ COMMANDS: dict[str, Command] = {
     "TYPING_START": TypingStart("c1"),
     "PRESENCE_UPDATE": PresenceUpdate(Status.DND),
     "RESUME": Resume("jwt", "old", 3),
+    "SUBSCRIBE_PRESENCE": SubscribePresence("s1", ("u2",)),
 }
 #: Payloads that are wrong for every op that has a field.
 BAD_D: list[Any] = [None, "x", 3, [], {}, {"token": 1, "serverId": 2, "channelId": None,
@@ -150,6 +157,7 @@ EXPECTED_ROWS: dict[State, dict[str, tuple[str, Any]]] = {
         "TYPING_START": NA,
         "PRESENCE_UPDATE": NA,
         "RESUME": ("effect", Reclaim("jwt", "old", 3)),
+        "SUBSCRIBE_PRESENCE": NA,
     },
     State.IDENTIFYING: {
         "IDENTIFY": AA,
@@ -159,6 +167,7 @@ EXPECTED_ROWS: dict[State, dict[str, tuple[str, Any]]] = {
         "UNSUBSCRIBE_SERVER": NA,
         "TYPING_START": NA,
         "PRESENCE_UPDATE": NA,
+        "SUBSCRIBE_PRESENCE": NA,
     },
     State.READY: {
         "IDENTIFY": AA,
@@ -168,6 +177,7 @@ EXPECTED_ROWS: dict[State, dict[str, tuple[str, Any]]] = {
         "UNSUBSCRIBE_SERVER": ("unsubscribed", None),
         "TYPING_START": ("effect", StartTyping("c1")),
         "PRESENCE_UPDATE": ("effect", SetPresence(Status.DND)),
+        "SUBSCRIBE_PRESENCE": ("effect", WatchPresence("s1", ("u2",), False)),
     },
     State.PARKED: dict.fromkeys(GOOD_D, ("nothing", None)),
     State.CLOSED: dict.fromkeys(GOOD_D, ("nothing", None)),
@@ -410,7 +420,8 @@ def test_ready_has_s_1_and_the_hello_session_id() -> None:
             "sessionId": SID,
             "user": {"id": "u1", "username": "alice", "displayName": "Alice",
                      "avatarUrl": None, "status": "dnd"},
-            "servers": [{"id": "s1", "name": "Home", "ownerId": "u1", "iconUrl": None}],
+            "servers": [{"id": "s1", "name": "Home", "ownerId": "u1", "iconUrl": None,
+                         "memberCount": 0, "large": False}],
         },
     }
     assert s.user_id == "u1"

@@ -205,7 +205,9 @@ async def test_hung_redis_is_noticed_never_blocks_clients_and_recovers(
         await other.heartbeat()
         assert time.monotonic() - started < 0.5, "HEARTBEAT_ACK delayed while Redis hangs"
     started = time.monotonic()
-    await typer.heartbeat()  # after its TYPING_START gave up
+    # PROTOCOL 15: the TYPING_START that gave up is answered (ERROR), not dropped.
+    await typer.expect_error("UNAVAILABLE", "TYPING_START")
+    await typer.heartbeat()
     assert time.monotonic() - started < 3.0
     # Publishing returns (False) within its bound.
     started = time.monotonic()

@@ -405,3 +405,37 @@ async def test_exactly_once_in_order_under_many_publishes_from_every_side(
             assert [i for pub, i in got if pub == name] == list(range(n)), client.name
         assert client.seq == 2 + total  # READY, SUBSCRIBED, then gapless (checked per frame)
     await quiet(*clients, within=QUIET)
+
+
+async def test_presence_interest_in_a_large_server_across_instances(
+    start_cluster: StartCluster, world: World
+) -> None:
+    """PROTOCOL 14 on two instances: interest is kept per connection on its own
+    instance, the broadcast goes over the server's channel, each instance filters."""
+    a, b = await start_cluster(2, env={"GATEWAY_LARGE_SERVER_MEMBERS": "2"})
+    carol_a = await a.login(world.u3, "A/carol asks for bob")
+    alice_a = await a.login(world.u1, "A/alice asks for nobody")
+    alice_b = await b.login(world.u1, "B/alice asks for bob")
+    await subscribe_all([carol_a, alice_a, alice_b], world.s1)
+    for client in (carol_a, alice_b):
+        await client.send_op("SUBSCRIBE_PRESENCE", {"serverId": world.s1, "userIds": [world.u2]})
+        snap = await client.expect("PRESENCE_SNAPSHOT")
+        assert snap["d"]["presences"] == [{"userId": world.u2, "status": "offline"}]
+    bob_b = await b.login(world.u2, "B/bob")
+    await bob_b.subscribe(world.s1)
+    await expect_all([carol_a, alice_b], "PRESENCE_UPDATE",
+                     presence_update(world.u2, world.s1, "online"))
+    await bob_b.send_op("PRESENCE_UPDATE", {"status": "dnd"})
+    dnd = presence_update(world.u2, world.s1, "dnd")
+    await expect_all([carol_a, alice_b, bob_b], "PRESENCE_UPDATE", dnd)
+    await quiet(alice_a, carol_a, alice_b, bob_b)
+    # The other instance's view of bob agrees with the one his own instance wrote.
+    await alice_a.send_op("SUBSCRIBE_PRESENCE", {"serverId": world.s1, "userIds": [world.u2]})
+    snap = await alice_a.expect("PRESENCE_SNAPSHOT")
+    assert snap["d"]["presences"] == [{"userId": world.u2, "status": "dnd"}]
+    await carol_a.unsubscribe(world.s1)
+    await bob_b.send_op("PRESENCE_UPDATE", {"status": "idle"})
+    idle = presence_update(world.u2, world.s1, "idle")
+    await expect_all([alice_a, alice_b, bob_b], "PRESENCE_UPDATE", idle)
+    await quiet(carol_a)
+    assert a.gateway.interest.size() == (1, 1) and b.gateway.interest.size() == (1, 1)

@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from adapters.postgres import PostgresDirectory, migrate
+from adapters.postgres import PostgresDirectory, available_migrations, migrate
 from tests.multi.conftest import (
     QUIET,
     Frame,
@@ -122,7 +122,8 @@ def pg_world(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
             await admin.execute(f'CREATE SCHEMA "{schema}"')
         finally:
             await admin.close()
-        assert await migrate(database_url, server_settings=settings) == [1]
+        applied = await migrate(database_url, server_settings=settings)
+        assert applied == [m.version for m in available_migrations()]
         async with PostgresDirectory(database_url, server_settings=settings) as directory:
             await directory.load(world.data())
 

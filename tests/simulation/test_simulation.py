@@ -19,12 +19,13 @@ from simulation.faults import (
     CRASH,
     DIRECTORY,
     INFRA_FAULTS,
+    STORM,
     PlannedFault,
 )
 from simulation.invariants import INVARIANTS, NO_CRASH
 from simulation.world import SimConfig, SimReport, run_simulation
 
-SEEDS = (11, 12, 13, 14)
+SEEDS = (11, 12, 13, 14, 15)  # 15: a slow consumer (4010) with this fault plan
 
 
 def config(
@@ -155,3 +156,25 @@ def test_presence_converges_when_the_directory_fails_during_a_reap() -> None:
         )
     )
     assert report.ok, explain(report)
+
+
+def test_a_crash_storm_reconnects_everyone_with_large_servers() -> None:
+    """PROTOCOL 15 in the simulation: the busiest instances (a quarter) crash at once
+    and their clients reconnect together to the survivors, with large servers
+    (PROTOCOL 14) in the population; every invariant holds: each IDENTIFY is answered
+    READY within its bound, the server closes only with documented codes, presence
+    converges, and nothing leaks."""
+    storm = SimConfig(
+        seed=21,
+        instances=8,
+        clients=800,
+        minutes=2.0,
+        faults=frozenset({STORM}),
+        fault_plan=(PlannedFault(30.0, STORM, 20.0),),
+    )
+    report = run_simulation(storm)
+    assert report.ok, explain(report)
+    assert report.faults.get(STORM) == 1
+    # The storm's clients came back: far more connections than clients.
+    assert report.closes.get("1006 crash", 0) >= storm.clients // 8  # two instances' worth
+    assert not any(k.startswith("4000") for k in report.closes), report.closes

@@ -51,6 +51,9 @@ class TcpProxy:
         self._refusing = False
         self._flowing = asyncio.Event()
         self._flowing.set()
+        #: Seconds each chunk waits before it is forwarded (a slow link or server):
+        #: per connection and direction, so that it also bounds throughput.
+        self.latency = 0.0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
@@ -104,9 +107,10 @@ class TcpProxy:
         self._flowing.set()
 
     def restore(self) -> None:
-        """End every fault: :meth:`accept` and :meth:`resume`."""
+        """End every fault: :meth:`accept`, :meth:`resume` and no latency."""
         self.accept()
         self.resume()
+        self.latency = 0.0
 
     async def close(self) -> None:
         if self._server is not None:
@@ -168,6 +172,8 @@ class TcpProxy:
         with contextlib.suppress(OSError):
             while data := await reader.read(65536):
                 await self._flowing.wait()
+                if self.latency:
+                    await asyncio.sleep(self.latency)
                 if writer.is_closing():
                     return
                 writer.write(data)

@@ -1,0 +1,187 @@
+"""PROTOCOL 15 in process (virtual time): IDENTIFY goes through a bounded admission
+queue. A storm of handshakes against a directory whose pool is small all get READY
+(no 4000: the backend deadline runs from admission, not while queued); a client that
+leaves while queued leaves the queue; frames sent while queued are answered in order."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+
+import anyio
+
+from adapters.memory import (
+    MemoryBrokerNetwork,
+    MemoryDirectory,
+    MemoryPresenceStore,
+    MemoryTypingGate,
+)
+from adapters.shell import Backends, GatewaySettings, make_gateway
+from domain.model import Server, User, UserId
+from entrypoints.config import demo_data
+from simulation.clock import VirtualClock
+from simulation.world import new_virtual_loop
+from tests.shell.fakes import FakeTokens, FakeTransport, World
+
+
+class PooledDirectory(MemoryDirectory):
+    """The memory directory behind a pool of ``size`` connections, ``latency`` each
+    call: concurrency beyond the pool waits, as asyncpg's pool does."""
+
+    def __init__(self, size: int, latency: float) -> None:
+        super().__init__(demo_data())
+        self._pool = anyio.CapacityLimiter(size)
+        self.latency = latency
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def _slow(self) -> None:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            async with self._pool:
+                await anyio.sleep(self.latency)
+        finally:
+            self.in_flight -= 1
+
+    async def get_user(self, user_id: UserId) -> User | None:
+        await self._slow()
+        return await super().get_user(user_id)
+
+    async def get_user_servers(self, user_id: UserId) -> list[Server]:
+        await self._slow()
+        return await super().get_user_servers(user_id)
+
+
+@asynccontextmanager
+async def world_on(clock: VirtualClock, directory: MemoryDirectory,
+                   settings: GatewaySettings) -> AsyncIterator[World]:
+    backends = Backends(
+        broker=MemoryBrokerNetwork().client(),
+        typing_gate=MemoryTypingGate(clock),
+        presence=MemoryPresenceStore(clock),
+        directory=directory,
+        tokens=FakeTokens(),
+        clock=clock,
+    )
+    world = World(make_gateway(backends, settings), directory)
+    async with anyio.create_task_group() as group:
+        world._group = group
+        await group.start(world.gateway.run)
+        yield world
+        group.cancel_scope.cancel()
+
+
+def run(directory: MemoryDirectory, settings: GatewaySettings,
+        test: Callable[[World], Awaitable[None]]) -> None:
+    loop = new_virtual_loop()
+    clock = VirtualClock()
+    clock.bind(loop)
+
+    async def main() -> None:
+        async with world_on(clock, directory, settings) as world:
+            await test(world)
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+SETTINGS = GatewaySettings(backend_timeout_ms=1_000, identify_concurrency=4)
+
+
+async def identify(world: World, user_id: str) -> FakeTransport:
+    client = await world.connect()
+    await client.send_op("IDENTIFY", {"token": f"token:{user_id}"})
+    return client
+
+
+def test_an_identify_storm_on_a_small_pool_gets_ready_everywhere() -> None:
+    """200 IDENTIFYs at once, a pool of 2 at 50 ms a call: 10 s of directory work.
+    Unqueued, nearly every handshake would wait past its 1 s deadline in the pool and
+    close 4000; admitted 4 at a time, each is within its deadline and all get READY."""
+    directory = PooledDirectory(size=2, latency=0.05)
+
+    async def storm(world: World) -> None:
+        clients = [await identify(world, f"u{1 + i % 4}") for i in range(200)]
+        for client in clients:
+            frame = await client.recv()
+            while frame["op"] == "PRESENCE_UPDATE":
+                frame = await client.recv()
+            assert frame["op"] == "READY", frame
+        assert directory.most_in_flight <= SETTINGS.identify_concurrency
+        assert world.gateway.queue.waiting == 0 and world.gateway.queue.admitted == 0
+        assert world.gateway.metrics.backend_failures.labels("identify")._value.get() == 0
+        assert all(c.close_code is None for c in clients)
+
+    run(directory, SETTINGS, storm)
+
+
+def test_a_client_that_leaves_while_queued_leaves_the_queue() -> None:
+    directory = PooledDirectory(size=1, latency=0.3)
+    settings = replace(SETTINGS, identify_concurrency=1)
+
+    async def scenario(world: World) -> None:
+        queue = world.gateway.queue
+        first = await identify(world, "u1")
+        await world.until(lambda: queue.admitted == 1, "the first admitted")
+        queued = await identify(world, "u2")
+        await world.until(lambda: queue.waiting == 1, "the second queued")
+        # Frames sent while queued are read (a leaving client is noticed) and held.
+        await queued.send_op("HEARTBEAT")
+        await queued.send_op("IDENTIFY", {"token": "token:u2"})
+        await anyio.sleep(0.1)
+        assert queued.pending() == []
+        queued.drop()
+        await world.until(lambda: queue.waiting == 0, "the queue left")
+        await world.until(lambda: len(world.gateway.snapshot().connections) == 1, "gone")
+        assert (await first.event())["op"] == "READY"
+        # Nothing leaked: the slot is free for the next one; u2 was never routed.
+        later = await identify(world, "u3")
+        assert (await later.event())["op"] == "READY"
+        assert "u2" not in world.gateway.snapshot().users
+        assert queue.waiting == 0 and queue.admitted == 0
+
+    run(directory, settings, scenario)
+
+
+def test_frames_sent_while_queued_are_answered_after_ready_in_order() -> None:
+    directory = PooledDirectory(size=1, latency=0.3)
+    settings = replace(SETTINGS, identify_concurrency=1)
+
+    async def scenario(world: World) -> None:
+        first = await identify(world, "u1")
+        await world.until(lambda: world.gateway.queue.admitted == 1, "the first admitted")
+        queued = await identify(world, "u2")
+        await queued.send_op("HEARTBEAT")
+        await queued.send_op("IDENTIFY", {"token": "token:u2"})
+        await queued.send_op("SUBSCRIBE_SERVER", {"serverId": "s1"})
+        assert (await first.event())["op"] == "READY"
+        ops = [(await queued.event())["op"] for _ in range(4)]
+        assert ops == ["READY", "HEARTBEAT_ACK", "ERROR", "SUBSCRIBED"]
+
+    run(directory, settings, scenario)
+
+
+def test_a_long_queue_is_not_a_heartbeat_timeout() -> None:
+    """Queued behind a handshake that takes 50 s, a client that keeps heartbeating is
+    READY after ~100 s, past the 60 s heartbeat timeout: it is not closed 4009 (its
+    HEARTBEATs were held, not lost)."""
+    directory = PooledDirectory(size=1, latency=25.0)
+    settings = replace(SETTINGS, identify_concurrency=1, backend_timeout_ms=120_000)
+
+    async def scenario(world: World) -> None:
+        first = await identify(world, "u1")
+        await world.until(lambda: world.gateway.queue.admitted == 1, "the first admitted")
+        queued = await identify(world, "u2")
+        for _ in range(5):
+            await anyio.sleep(20.0)
+            await queued.send_op("HEARTBEAT")
+        assert (await first.event())["op"] == "READY"
+        assert (await queued.event())["op"] == "READY"
+        assert queued.close_code is None
+        assert [(await queued.event())["op"] for _ in range(5)] == ["HEARTBEAT_ACK"] * 5
+
+    run(directory, settings, scenario)
