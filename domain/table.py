@@ -34,6 +34,7 @@ class SessionConfig:
     rate_limit_count: int = 120
     rate_limit_window: float = 60.0
     max_subscriptions: int = 200
+    large_server_members: int = 250  # more members: a large server (PROTOCOL 14)
     #: Section 13: how long a parked session is kept (0: resume off), how many sent
     #: dispatches are kept for a resume, and the bounds on what a parked session keeps.
     resume_ttl: float = 120.0
