@@ -137,6 +137,7 @@ class Gateway:
             ask_timeout=seconds(s.handoff_ask_ms),
         )
         self.resumer.remote = self.handoff.take
+        self.resumer.on_handed_off = self.interest.drop_all
         self.fanout.intercept = self.handoff.intercept
         self.handlers = Handlers(
             tokens=tokens,
@@ -245,8 +246,9 @@ class Gateway:
         session = live.session
         if session.state is not State.CLOSED:
             session.close(conn.close_code or CloseCode.GOING_AWAY, "gone")
+        # Parked, the session keeps its presence interest with its routes (13, 14): it
+        # goes in _release, when the session ends.
         parked = self.resumer.park(live, conn.close_code, conn.close_side == "client")
-        self.interest.drop_all(live)
         try:
             if not parked:  # parked: routes and presence stay until it ends (section 13)
                 self.resumer.forget(live)
@@ -268,7 +270,9 @@ class Gateway:
             )
 
     async def _release(self, live: LiveSession) -> None:
-        """Release what a session held: its routes, then its presence."""
+        """Release what a session held: its presence interest, its routes, then its
+        presence."""
+        self.interest.drop_all(live)
         with anyio.move_on_after(2 * seconds(self.settings.backend_timeout_ms)):
             for server_id in list(live.session.subscriptions):
                 await self.routes.unroute_now(live, server_id)

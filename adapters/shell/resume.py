@@ -72,6 +72,8 @@ class Resumer:
         self._claims: set[SessionId] = set()
         self._wake = anyio.Event()
         self.remote: Remote | None = None
+        #: What else a session handed to another instance leaves here (its interest).
+        self.on_handed_off: Callable[[LiveSession], None] | None = None
         self._emptied: anyio.Event | None = None
 
     @property
@@ -133,6 +135,8 @@ class Resumer:
         """Shipped to another instance: it is not ours any more (nothing to release)."""
         self._claims.discard(live.session_id)
         self.forget(live)
+        if self.on_handed_off is not None:
+            self.on_handed_off(live)
         self._metrics.resumes.labels("handed_off").inc()
 
     async def wait_empty(self) -> None:

@@ -109,8 +109,15 @@ def test_a_new_list_replaces_an_empty_list_and_unsubscribe_end_and_close_cleans(
         await u1.send_op("UNSUBSCRIBE_SERVER", {"serverId": "s1"})
         assert (await u1.event())["op"] == "UNSUBSCRIBED"
         assert interest.size() == (1, 1)
-        u2.drop()
-        await world.until(lambda: interest.size() == (0, 0), "interest released on close")
+        await ask(u3, "s1", ["u2"])
+        assert interest.size() == (2, 2)
+        u3.drop(1000)  # the client leaves: its session ends, its interest with it
+        await world.until(lambda: interest.size() == (1, 1), "interest released on close")
+        u2.drop()  # TCP loss: the session parks (13) and keeps its interest with it
+        await world.until(lambda: bool(world.gateway.snapshot().parked), "u2 parked")
+        assert interest.size() == (1, 1)
+        await world.gateway.resumer.end_all()  # the parked session ends: nothing left
+        assert interest.size() == (0, 0)
 
     run_virtual(scenario, LARGE)
 
