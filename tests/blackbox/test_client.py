@@ -146,7 +146,7 @@ async def test_the_client_survives_a_gateway_restart() -> None:
                 await alice.subscribe("s1")
                 alice_listens.set()
                 lost = await next_of(bob, SessionLost)
-                assert "UNKNOWN_OP" in lost.reason  # no server-side RESUME yet
+                assert "INVALID_SESSION" in lost.reason  # a new instance: unknown session (13)
                 back = await next_of(bob, Connected)
                 assert not back.resumed and back.url == second.ws_url
                 assert (await dispatch(bob, "SUBSCRIBED")).d == {"serverId": "s1"}
