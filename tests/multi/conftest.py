@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -528,7 +529,10 @@ def redis_gateway_factory(
             backends = Backends(
                 broker, typing_gate, presence, directory, make_verifier(config), SystemClock()
             )
-            yield make_gateway(backends, config.gateway)
+            # Redis-backed: another instance can take the parked sessions of a drain (13),
+            # whatever GATEWAY_REDIS_URL says (the URL is given here, not in the env).
+            settings = dataclasses.replace(config.gateway, drain_keeps_parked=True)
+            yield make_gateway(backends, settings)
 
     return factory
 

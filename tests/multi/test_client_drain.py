@@ -101,10 +101,9 @@ async def drained_over(
         if not back.resumed:
             await dispatches_until(client, "SUBSCRIBED")
         await probe.publish_server(world.s1, {"op": "EV", "d": {"n": 3}})
-        while True:
-            seen = await dispatches_until(client, "EV")
-            if seen[-1].d == {"n": 3}:
-                break
+        seen: list[Dispatch] = []
+        while not seen or seen[-1].d != {"n": 3}:  # every dispatch on B up to EV 3
+            seen += await dispatches_until(client, "EV")
         return seen
 
 
