@@ -280,17 +280,8 @@ class Session:
     # --- connect and frames -------------------------------------------------------
 
     def hello(self) -> list[Effect]:
-        return [
-            Send(
-                encode_control(
-                    "HELLO",
-                    {
-                        "heartbeatInterval": self.config.heartbeat_interval_ms,
-                        "sessionId": self.session_id,
-                    },
-                )
-            )
-        ]
+        d = {"heartbeatInterval": self.config.heartbeat_interval_ms, "sessionId": self.session_id}
+        return [Send(encode_control("HELLO", d))]
 
     def receive(self, raw: str | bytes, now: float) -> list[Effect]:
         """One whole client message."""

@@ -13,11 +13,9 @@ encoded once per event and appends it to the queue (:meth:`Connection.enqueue`).
 queue over its frame or byte bound means a slow consumer: the queue is dropped and
 the connection is closed with 4010, without ever stalling the broadcast.
 
-Every close has a deadline (PROTOCOL section 6): from the moment the gateway decides
-to close, the frames still queued, the close frame and the peer's answer must all
-fit in ``close_timeout``; when it passes the transport is aborted, whatever the peer
-does. Meanwhile the reader keeps reading and discarding, so a peer that keeps
-sending cannot wedge the server's read side, and the peer's own close ends it early.
+Every close has a deadline (PROTOCOL section 6): once the gateway decides to close,
+the queued frames, the close frame and the peer's answer must fit in ``close_timeout``,
+then the transport is aborted. The reader keeps reading and discarding meanwhile.
 """
 
 from __future__ import annotations
@@ -141,13 +139,10 @@ class Connection:
             elif isinstance(effect, Adopt):
                 pending.extendleft(reversed(self._adopt(effect)))
             elif isinstance(effect, OFF_READER) and self._group is not None and self._held is None:
-                # A handshake may queue long for admission (PROTOCOL 15). It runs in a
-                # task of its own, so that the reader goes on reading: a client that
-                # leaves ends the connection and cancels the handshake wherever it
-                # waits. Frames read meanwhile wait in ``_held`` and run after it, in
-                # order, exactly as if the reader had waited. A handshake started by one
-                # of those frames (IDENTIFY or RESUME after INVALID_SESSION) runs in that
-                # same task, below, the frames after it still held.
+                # A handshake may queue long for admission (PROTOCOL 15): it runs in its
+                # own task and the reader goes on reading (a client that leaves cancels
+                # it). Frames read meanwhile wait in ``_held`` and run after it, in order;
+                # a handshake one of them starts (after INVALID_SESSION) runs inline there.
                 self._held = deque()
                 self._group.start_soon(self._perform_handled, effect)
             else:
@@ -162,13 +157,11 @@ class Connection:
 
     def _adopt(self, adopt: Adopt) -> list[Work]:
         """RESUME: serve the resumed session from now on; its replay goes first."""
-        fresh = self.live.session
-        live = adopt.live
+        fresh, live = self.live.session, adopt.live
         self.live = live
         live.attach(self)
-        answer = live.session.report(
-            Reattach(adopt.seq, self._clock.monotonic(), fresh.rate.stamps)
-        )
+        reattach = Reattach(adopt.seq, self._clock.monotonic(), fresh.rate.stamps)
+        answer = live.session.report(reattach)
         # The replayed frames were already kept in memory (within the outbound bounds):
         # queued without the slow-consumer check, which counts them for what follows.
         replay = [w for w in answer[:-1] if isinstance(w, Send)]
@@ -192,10 +185,8 @@ class Connection:
     def let_go(self, code: int, reason: str) -> None:
         """The session was taken over by a RESUME elsewhere: keep a closed stand-in
         (so this connection's end releases nothing of the session) and close."""
-        live = self.live
-        stand_in = LiveSession(
-            Session(live.session_id, live.session.config, live.session.connected_at)
-        )
+        old = self.live.session
+        stand_in = LiveSession(Session(old.session_id, old.config, old.connected_at))
         stand_in.session.close(code, reason)
         self.live = stand_in
         stand_in.attach(self)
@@ -226,8 +217,7 @@ class Connection:
             self._resume.set()
         session = self.live.session
         if session.state is State.AWAITING_IDENTIFY and self._group is not None:
-            # INVALID_SESSION (section 13): IDENTIFY is due within the timeout again, but
-            # the reader may be waiting for a frame with no deadline (it was IDENTIFYING).
+            # INVALID_SESSION (13): IDENTIFY is due in time again; the reader has no deadline.
             self._group.start_soon(self._identify_timer, session)
 
     async def _identify_timer(self, session: Session) -> None:
