@@ -103,6 +103,9 @@ class _Link:
     conn: WebSocketConnection
     scope: anyio.CancelScope
     awaiting_ack: bool = False
+    #: IDENTIFY or RESUME sent, READY or RESUMED not yet: a gateway may hold the
+    #: HEARTBEATs behind its admission queue (PROTOCOL 15), so no zombie check then.
+    handshaking: bool = False
     ready: bool = False
     resuming: bool = False
     reconnect_requested: bool = False
@@ -385,7 +388,7 @@ class GatewayClient:
     async def _heartbeats(self, link: _Link, interval: float) -> None:
         await anyio.sleep(interval * self._rng.random())  # jitter: no herd after a drain
         while True:
-            if link.awaiting_ack and not self._stalled:
+            if link.awaiting_ack and not self._stalled and not link.handshaking:
                 link.drop = _Drop(CLIENT_RECONNECT_CLOSE, "no HEARTBEAT_ACK: zombie connection")
                 link.scope.cancel()
                 return
@@ -412,6 +415,7 @@ class GatewayClient:
 
     async def _authenticate(self, link: _Link, *, resume: bool) -> None:
         token = await self._token_value()
+        link.handshaking = True
         if resume:
             assert self.session_id is not None
             link.resuming = True
@@ -508,6 +512,7 @@ class GatewayClient:
             self.servers = [x for x in listed if isinstance(x, dict)]
             link.ready = True
             link.resuming = False
+            link.handshaking = False
             self._ready_event.set()
             await self._restore(link)
         elif op == "RESUMED":
@@ -515,6 +520,7 @@ class GatewayClient:
                 self.session_id = d["sessionId"]
             link.ready = True
             link.resuming = False
+            link.handshaking = False
             self._ready_event.set()
         elif op == "SUBSCRIBED" and isinstance(d, dict):
             server_id = d.get("serverId")

@@ -188,6 +188,22 @@ async def test_heartbeats_keep_an_acked_connection_and_drop_a_zombie(fake: FakeG
         assert (await two.expect("RESUME"))["seq"] == 1
 
 
+async def test_no_zombie_check_while_queued_for_admission(fake: FakeGateway) -> None:
+    """PROTOCOL 15: a gateway may hold HEARTBEATs while the IDENTIFY waits in its
+    admission queue; the unanswered heartbeats of the handshake are not a zombie."""
+    async with connect(fake.url, "tok", backoff=FAST) as client:
+        peer = await fake.accept()
+        peer.auto_ack = False
+        await peer.hello(interval_ms=50)
+        await peer.expect("IDENTIFY")
+        while peer.heartbeats < 6:  # six intervals without an ACK, still queued
+            await peer.recv()
+        await peer.ready("S")
+        assert isinstance(await next_of(client, Connected), Connected)
+        code, _ = await peer.until_closed()  # after READY the check is back
+        assert code == CLIENT_RECONNECT_CLOSE
+
+
 async def test_first_heartbeat_is_jittered_within_the_interval(fake: FakeGateway) -> None:
     """With an rng whose first draw is 0 the first heartbeat is immediate, while the
     interval is a minute: the jitter is a fraction of the interval, drawn from the rng."""

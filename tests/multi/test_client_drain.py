@@ -1,11 +1,9 @@
 """The client library across a drain of one of two instances sharing Redis, and
 ``gateway publish --redis`` into the same Redis.
 
-Today the gateway has no RESUME (PROTOCOL 13 is a later issue): after the drain the
-client identifies afresh on the other instance and resubscribes, so events published
-while it was between instances are lost. ``test_..._nothing_lost`` states the promise
-of section 13 and is a strict xfail until server-side RESUME lands; it then XPASSes,
-fails the suite, and its marker must go.
+A drain sends RECONNECT and closes 1001; the client comes back on the other instance
+with RESUME (PROTOCOL 13), so ``test_..._nothing_lost`` gets the event published while
+it was between instances, replayed before RESUMED.
 """
 
 from __future__ import annotations
@@ -96,12 +94,19 @@ async def drained_over(
         if gap:
             await probe.publish_server(world.s1, {"op": "EV", "d": {"n": 2}})
         gate.set()
-        back = await next_of(client, Connected)
+        # A RESUME replays what was missed before RESUMED (Connected): keep it.
+        seen: list[Dispatch] = []
+        while True:
+            event: ClientEvent = await asyncio.wait_for(client.__anext__(), WAIT)
+            if isinstance(event, Dispatch):
+                seen.append(event)
+            elif isinstance(event, Connected):
+                back = event
+                break
         assert back.url == b.ws_url
         if not back.resumed:
             await dispatches_until(client, "SUBSCRIBED")
         await probe.publish_server(world.s1, {"op": "EV", "d": {"n": 3}})
-        seen: list[Dispatch] = []
         while not seen or seen[-1].d != {"n": 3}:  # every dispatch on B up to EV 3
             seen += await dispatches_until(client, "EV")
         return seen
@@ -114,16 +119,12 @@ async def test_drain_moves_the_client_to_the_other_instance_and_resubscribes(
     assert [d.d for d in seen if d.op == "EV"] == [{"n": 3}]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="waits for server-side RESUME (PROTOCOL 13): today the session is not parked on "
-    "drain, the client identifies afresh on B and EV 2 is lost",
-)
 async def test_drain_then_resume_on_the_other_instance_nothing_lost(
     start_cluster: StartCluster, world: World, probe: RedisProbe
 ) -> None:
     seen = await drained_over(start_cluster, world, probe, gap=True)
     assert [d.d for d in seen if d.op == "EV"] == [{"n": 2}, {"n": 3}]
+    assert not [d for d in seen if d.op == "READY"]  # resumed, not identified afresh
 
 
 async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
