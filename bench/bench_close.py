@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import statistics
 import struct
 import sys
@@ -31,7 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import redis.asyncio as aioredis  # noqa: E402
 
 from tests.blackbox.conftest import RawClient  # noqa: E402
 from tests.process.helpers import ServedGateway, served  # noqa: E402
@@ -39,6 +37,7 @@ from tests.process.test_close_hygiene import (  # noqa: E402
     HEARTBEAT,
     client_port,
     held_connections,
+    publish_big,
     raw_ready,
     until_op,
 )
@@ -98,15 +97,7 @@ def stops_reading(redis_url: str) -> Callable[[ServedGateway], Awaitable[float]]
         raw = await raw_ready(gw)
         await raw.send_op("SUBSCRIBE_SERVER", {"serverId": "s1"})
         await until_op(raw, "SUBSCRIBED")
-        envelope = json.dumps({"event": {"op": "BIG", "d": {"blob": "x" * 2000}}})
-        client = aioredis.Redis.from_url(redis_url)
-        try:
-            async with client.pipeline(transaction=False) as pipe:
-                for _ in range(5000):
-                    pipe.publish("ws:server:s1", envelope)
-                await pipe.execute()
-        finally:
-            await client.aclose()
+        await publish_big(redis_url, 5000)
         took = await released(gw, client_port(raw), time.monotonic())
         raw.close()
         return took

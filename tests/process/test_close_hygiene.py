@@ -145,6 +145,19 @@ async def raw_ready(gw: ServedGateway, user: str = "u1", *, rcvbuf: int = 4096) 
     return raw
 
 
+async def publish_big(redis_url: str, count: int, server_id: str = "s1") -> None:
+    """``count`` events of 2 KB on ``ws:server:{server_id}``, pipelined."""
+    envelope = json.dumps({"event": {"op": "BIG", "d": {"blob": "x" * 2000}}})
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            for _ in range(count):
+                pipe.publish(f"ws:server:{server_id}", envelope)
+            await pipe.execute()
+    finally:
+        await client.aclose()
+
+
 async def until_op(raw: RawClient, op: str) -> None:
     while (await raw.recv_json())["op"] != op:
         pass
@@ -207,15 +220,7 @@ async def test_client_that_stops_reading_is_cut_off(redis_url: str) -> None:
         port = client_port(raw)
         await raw.send_op("SUBSCRIBE_SERVER", {"serverId": "s1"})
         await until_op(raw, "SUBSCRIBED")
-        envelope = json.dumps({"event": {"op": "BIG", "d": {"blob": "x" * 2000}}})
-        client = aioredis.Redis.from_url(redis_url)
-        try:
-            async with client.pipeline(transaction=False) as pipe:
-                for _ in range(5000):
-                    pipe.publish("ws:server:s1", envelope)
-                await pipe.execute()
-        finally:
-            await client.aclose()
+        await publish_big(redis_url, 5000)
         published = time.monotonic()
         # 10 MB against 1 MiB of queue: the gateway decides 4010 while they arrive.
         await released_within(
@@ -328,15 +333,7 @@ async def test_200_hostile_connections_leave_no_descriptor(redis_url: str) -> No
             await until_op(raw, "SUBSCRIBED")
         for raw in flood_clients:
             raw.writer.write(HEARTBEAT * 120)
-        envelope = json.dumps({"event": {"op": "BIG", "d": {"blob": "x" * 2000}}})
-        publisher = aioredis.Redis.from_url(redis_url)
-        try:
-            async with publisher.pipeline(transaction=False) as pipe:
-                for _ in range(2500):  # 5 MB each: more than the kernel buffers hold
-                    pipe.publish("ws:server:s1", envelope)
-                await pipe.execute()
-        finally:
-            await publisher.aclose()
+        await publish_big(redis_url, 2500)  # 5 MB each: more than the kernel buffers hold
         attacked = time.monotonic()
         peak = fds()
         assert peak > baseline + 100
