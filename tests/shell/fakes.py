@@ -152,9 +152,11 @@ class World:
 
 @asynccontextmanager
 async def running_world(
-    clock: VirtualClock, settings: GatewaySettings | None = None
+    clock: VirtualClock,
+    settings: GatewaySettings | None = None,
+    directory: MemoryDirectory | None = None,
 ) -> AsyncIterator[World]:
-    directory = MemoryDirectory(demo_data())
+    directory = directory if directory is not None else MemoryDirectory(demo_data())
     backends = Backends(
         broker=MemoryBrokerNetwork().client(),
         typing_gate=MemoryTypingGate(clock),
@@ -172,15 +174,18 @@ async def running_world(
 
 
 def run_virtual(
-    test: Callable[[World], Awaitable[None]], settings: GatewaySettings | None = None
+    test: Callable[[World], Awaitable[None]],
+    settings: GatewaySettings | None = None,
+    directory: MemoryDirectory | None = None,
 ) -> None:
-    """Run ``test`` against a running world on a fresh virtual-time loop."""
+    """Run ``test`` against a running world on a fresh virtual-time loop (the demo
+    data, unless ``directory`` is given)."""
     loop = new_virtual_loop()
     clock = VirtualClock()
     clock.bind(loop)
 
     async def main() -> None:
-        async with running_world(clock, settings) as world:
+        async with running_world(clock, settings, directory) as world:
             await test(world)
 
     try:

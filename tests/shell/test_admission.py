@@ -5,24 +5,16 @@ leaves while queued leaves the queue; frames sent while queued are answered in o
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import anyio
 
-from adapters.memory import (
-    MemoryBrokerNetwork,
-    MemoryDirectory,
-    MemoryPresenceStore,
-    MemoryTypingGate,
-)
-from adapters.shell import Backends, GatewaySettings, make_gateway
+from adapters.memory import MemoryDirectory
+from adapters.shell import GatewaySettings
 from domain.model import Server, User, UserId
 from entrypoints.config import demo_data
-from simulation.clock import VirtualClock
-from simulation.world import new_virtual_loop
-from tests.shell.fakes import FakeTokens, FakeTransport, World
+from tests.shell.fakes import FakeTransport, World, run_virtual
 
 
 class PooledDirectory(MemoryDirectory):
@@ -54,39 +46,9 @@ class PooledDirectory(MemoryDirectory):
         return await super().get_user_servers(user_id)
 
 
-@asynccontextmanager
-async def world_on(clock: VirtualClock, directory: MemoryDirectory,
-                   settings: GatewaySettings) -> AsyncIterator[World]:
-    backends = Backends(
-        broker=MemoryBrokerNetwork().client(),
-        typing_gate=MemoryTypingGate(clock),
-        presence=MemoryPresenceStore(clock),
-        directory=directory,
-        tokens=FakeTokens(),
-        clock=clock,
-    )
-    world = World(make_gateway(backends, settings), directory)
-    async with anyio.create_task_group() as group:
-        world._group = group
-        await group.start(world.gateway.run)
-        yield world
-        group.cancel_scope.cancel()
-
-
 def run(directory: MemoryDirectory, settings: GatewaySettings,
         test: Callable[[World], Awaitable[None]]) -> None:
-    loop = new_virtual_loop()
-    clock = VirtualClock()
-    clock.bind(loop)
-
-    async def main() -> None:
-        async with world_on(clock, directory, settings) as world:
-            await test(world)
-
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+    run_virtual(test, settings, directory)
 
 
 SETTINGS = GatewaySettings(backend_timeout_ms=1_000, identify_concurrency=4)
