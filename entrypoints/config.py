@@ -41,6 +41,9 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
+    #: The listening socket's accept queue: a reconnect storm arrives all at once, and
+    #: every connection the queue cannot hold waits for a SYN retransmit (1 s, 3 s, ...).
+    listen_backlog: int = 2048
     redis_url: str | None = None
     database_url: str | None = None
     fixtures: str | None = None
@@ -127,6 +130,7 @@ class Config:
             host=env.get("GATEWAY_HOST", "127.0.0.1"),
             port=_int(env, "GATEWAY_PORT", 8000, 0),
             workers=_int(env, "GATEWAY_WORKERS", 1, 1),
+            listen_backlog=_int(env, "GATEWAY_LISTEN_BACKLOG", 2048, 1),
             redis_url=env.get("GATEWAY_REDIS_URL") or None,
             database_url=env.get("GATEWAY_DATABASE_URL") or None,
             fixtures=env.get("GATEWAY_FIXTURES") or None,

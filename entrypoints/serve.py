@@ -29,6 +29,7 @@ log = logging.getLogger("gateway.serve")
 def hypercorn_config(config: Config, *, bind: str | None = None) -> HypercornConfig:
     hc = HypercornConfig()
     hc.bind = [bind or f"{config.host}:{config.port}"]
+    hc.backlog = config.listen_backlog  # Hypercorn's default, 100, drops a storm's SYNs
     # Characters, not bytes: the byte limit is enforced by the transport; this bounds
     # memory at 4x the limit and gives the client its 1009 from the server itself.
     hc.websocket_max_message_size = config.gateway.max_payload_bytes
@@ -39,7 +40,9 @@ def hypercorn_config(config: Config, *, bind: str | None = None) -> HypercornCon
     return hc
 
 
-def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+def bind_socket(
+    host: str, port: int, *, backlog: int = 2048, reuse_port: bool = False
+) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -47,7 +50,7 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.soc
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
-    sock.listen(2048)
+    sock.listen(backlog)
     sock.setblocking(False)
     sock.set_inheritable(True)
     return sock

@@ -27,7 +27,7 @@ log = logging.getLogger("gateway.workers")
 def run_workers(config: Config) -> int:
     if not config.redis_url:
         raise ConfigError("GATEWAY_WORKERS > 1 needs GATEWAY_REDIS_URL (instances share Redis)")
-    sock = bind_socket(config.host, config.port)
+    sock = bind_socket(config.host, config.port, backlog=config.listen_backlog)
     fd = sock.fileno()
     env = {**os.environ, "GATEWAY_WORKERS": "1"}
     command = [sys.executable, "-m", "entrypoints.cli", "serve", "--bind", f"fd://{fd}"]
