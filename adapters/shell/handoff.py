@@ -32,7 +32,9 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -62,6 +64,20 @@ def instance_channel(instance_id: InstanceId) -> str:
 
 def _dumps(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+async def _at_once(*calls: Callable[[], Coroutine[Any, Any, object]]) -> None:
+    """Run the calls concurrently; a failure is raised as itself, not as a group (the
+    callers catch backend errors by type)."""
+    try:
+        async with anyio.create_task_group() as tasks:
+            for call in calls:
+                tasks.start_soon(call)
+    except BaseExceptionGroup as group:
+        first: BaseException = group
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from group
 
 
 def _channels(live: LiveSession) -> set[str]:
@@ -277,25 +293,34 @@ class Handoff:
         live = LiveSession(Session(sid, self._config, self._clock.monotonic()))
         arrive(live.session, user.id, incoming.subscriptions, self._clock.monotonic())
         live.user, live.servers = user, tuple(servers)
+        held: list[str] = []  # the channels this copy holds interest in, to release
         ok = False
+
+        async def hold(channel: str) -> None:
+            await self._routes.interest.acquire(channel)  # releases itself on failure
+            held.append(channel)
+
         try:
             with anyio.move_on_after(self._timeout):
-                await self._keeper.open(live, user.id)
+                # Independent round trips, at once: the SUBSCRIBEs of one tick go as
+                # one command, and a storm of RESUMEs is not paced by their sum.
+                await _at_once(
+                    partial(self._keeper.open, live, user.id),
+                    *(partial(hold, channel) for channel in sorted(_channels(live))),
+                )
                 live.user_routed = True
-                await self._routes.interest.acquire(keys.user_channel(user.id))
-                for server_id in incoming.subscriptions:
-                    await self._routes.watch_server(server_id)
                 incoming.live = live
                 incoming.waiting = _channels(live)
                 marker = _dumps({"gw": "marker", "nonce": nonce})
-                for channel in sorted(incoming.waiting):
-                    await self._broker.publish(channel, marker)
+                await _at_once(
+                    *(partial(self._broker.publish, c, marker) for c in sorted(incoming.waiting))
+                )
                 await incoming.frames.wait()
                 ok = True
         finally:
             if not ok:
                 with anyio.CancelScope(shield=True):
-                    await self._abandon(live, incoming)
+                    await self._abandon(live, incoming, held)
         if not ok:
             return None
         shipped = incoming.shipped
@@ -307,11 +332,19 @@ class Handoff:
         hand_in(live.session, earlier, int(shipped["next"]), shipped.get("parkedFrom"), rate)
         return live
 
-    async def _abandon(self, live: LiveSession, incoming: _Incoming) -> None:
-        """The owner did not ship in time: release what this copy took."""
+    async def _abandon(self, live: LiveSession, incoming: _Incoming, held: list[str]) -> None:
+        """The owner did not ship in time: release what this copy took, and only that
+        (releasing a channel it never held would take another session's interest)."""
         for server_id in incoming.subscriptions:
             self._routes.drop_route(live, server_id)
-            await self._routes.unwatch_server(server_id)
-        await self._routes.unroute_user(live, live.session.user_id or "")
-        await self._keeper.close(live, live.session.user_id or "")
+        user_id = live.session.user_id or ""
+        routed = self._routes.by_user.get(user_id)
+        if routed is not None:
+            routed.discard(live)
+            if not routed:
+                del self._routes.by_user[user_id]
+        live.user_routed = False
+        for channel in held:
+            await self._routes.interest.release(channel)
+        await self._keeper.close(live, user_id)
         live.session.state = State.CLOSED

@@ -16,6 +16,7 @@ from adapters.memory import (
     MemoryTypingGate,
 )
 from adapters.shell import Backends, Gateway, GatewaySettings, make_gateway
+from domain.ports import BackendUnavailable
 from domain.session import SessionConfig
 from entrypoints.config import demo_data
 from simulation.clock import VirtualClock
@@ -272,3 +273,33 @@ def test_the_rate_window_carries_over_a_resume_on_the_other_instance() -> None:
         assert again.close_code == 4008
 
     run_pair(test, settings)
+
+
+def test_a_handoff_that_fails_midway_releases_only_what_it_took() -> None:
+    """B's presence write fails during the handoff: B gives its copy up (INVALID_SESSION)
+    and releases the channels that copy subscribed, and no more: bob, on B, keeps s1."""
+
+    async def test(pair: Pair) -> None:
+        bob = await pair.login(pair.b, "u2")
+        alice = await pair.login(pair.a, "u1")
+        sid = sid_of(pair.a, "u1")
+        alice.drop()
+        await pair.until(lambda: sid in pair.a.snapshot().parked)
+        store = pair.b.presence
+
+        async def down(*args: object) -> None:
+            raise BackendUnavailable("presence: down")
+
+        store.session_opened = down  # type: ignore[method-assign,assignment]
+        try:
+            again = await resume(pair, pair.b, sid, 1)
+            assert (await again.recv())["op"] == "INVALID_SESSION"
+        finally:
+            del store.session_opened
+        await pair.a.publish_to_server("s1", {"op": "MSG", "d": {"i": 7}})
+        with anyio.fail_after(5):
+            while (frame := await bob.recv())["op"] != "MSG":
+                pass
+        assert frame["d"] == {"i": 7}
+
+    run_pair(test)
