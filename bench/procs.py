@@ -140,7 +140,7 @@ class Server:
 
     @classmethod
     async def start(cls, ctx: Context, system: str, *, fixture: Path, room: str,
-                    log_name: str) -> Server:
+                    log_name: str, extra_env: dict[str, str] | None = None) -> Server:
         port = free_port()
         env = ctx.base_env()
         if system == GATEWAY:
@@ -164,6 +164,7 @@ class Server:
                     "--channel", socketio_channel(room)]
         else:
             raise ValueError(system)
+        env.update(extra_env or {})
         proc = await _spawn(args, env=env, log=ctx.results / f"{log_name}.log", pipes=False,
                             cwd=ctx.root)
         server = cls(system, port, proc)
