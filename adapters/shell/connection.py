@@ -31,7 +31,7 @@ import anyio.abc
 
 from adapters.shell.live import Adopt, LiveSession, Work
 from adapters.shell.metrics import Metrics
-from domain.codec import CloseCode
+from domain.codec import CloseCode, Heartbeat, decode_command
 from domain.effects import Authenticate, Close, Reattach, Reclaim, Send
 from domain.ports import Clock, MessageTooBig, Transport, TransportClosed
 from domain.session import Session, State
@@ -364,7 +364,8 @@ class Connection:
                 if raw is None:
                     continue
             held = self._held
-            if held is None:
+            if held is None or isinstance(decode_command(raw), Heartbeat):
+                # PROTOCOL 15: ACKed at once even while queued (else clients see a zombie).
                 await self._handle_frame(raw)
                 continue
             held.append(raw)
@@ -374,8 +375,7 @@ class Connection:
                 self._resume = self._event_class()
                 if self._held is not None:
                     await self._resume.wait()
-        # Closed by us: the sender finishes the close handshake. Keep reading (and
-        # discarding) until the peer's close or the end of the transport.
+        # Closed by us: the sender finishes the close; read and discard until the end.
         receive = self.transport.receive
         while True:
             with contextlib.suppress(MessageTooBig):
