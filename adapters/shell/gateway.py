@@ -203,7 +203,7 @@ class Gateway:
         await conn.perform(session.hello())
         self.admission.admit(conn)
         self.metrics.connections_opened.inc()
-        log.info("connection opened", extra={"session_id": session.session_id})
+        log.debug("connection opened", extra={"session_id": session.session_id})
         await conn.run()
 
     async def drain(self, timeout: float | None = None) -> None:
