@@ -5,8 +5,7 @@ drains it, and runs the one effect interpreter (:meth:`Connection.perform`): fra
 read from the socket go to the session, and the effects that come back run in one
 flat loop, in the shape of hypercorn's ``WSStream._handle_events``. Effects that need
 the world are handed to the :class:`SessionHost`, which does the I/O and *returns*
-the session's answer as more effects for the same loop. Nothing calls back into the
-connection.
+the session's answer as more effects for the same loop (it never calls back).
 
 Fan-out never awaits a socket: it stamps the session's next ``s`` into a frame
 encoded once per event and appends it to the queue (:meth:`Connection.enqueue`). A
@@ -330,7 +329,7 @@ class Connection:
             self._wake = new_event()
             await self._wake.wait()
 
-    # --- inbound ------------------------------------------------------------------
+    # --- inbound -------------------------------------------------------------------
 
     async def run(self) -> None:
         """Serve the connection until either side closes it."""
@@ -364,9 +363,11 @@ class Connection:
                 if raw is None:
                     continue
             held = self._held
-            if held is None or isinstance(decode_command(raw), Heartbeat):
-                # PROTOCOL 15: ACKed at once even while queued (else clients see a zombie).
-                await self._handle_frame(raw)
+            if held is None or (
+                self.live.session.state is State.IDENTIFYING
+                and isinstance(decode_command(raw), Heartbeat)
+            ):
+                await self._handle_frame(raw)  # PROTOCOL 15: ACKed at once while queued
                 continue
             held.append(raw)
             if len(held) > session.config.rate_limit_count:
