@@ -34,8 +34,8 @@ class GatewaySettings:
     #: PROTOCOL 15: client operations doing backend work at once (SUBSCRIBE_SERVER,
     #: TYPING_START, PRESENCE_UPDATE, SUBSCRIBE_PRESENCE, READY's announce); the rest
     #: wait in their sockets (the connection's reader takes no frame meanwhile), with
-    #: no timer running. Below the Redis pools' 64 connections: no pool wait.
-    backend_concurrency: int = 32
+    #: no timer running. With IDENTIFY_CONCURRENCY (16) within the Redis pools (64).
+    backend_concurrency: int = 48
     #: From the decision to close, how long the queued frames, the close frame and the
     #: peer's answer may take before the transport is aborted (PROTOCOL section 6).
     close_timeout_ms: int = 2_000

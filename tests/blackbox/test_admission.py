@@ -14,6 +14,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from adapters.shell import Gateway
+from domain.effects import StartTyping
 from domain.model import User, UserId
 from tests.blackbox.conftest import WAIT, Client, GatewayServer, StartGateway, eventually
 
@@ -109,3 +110,58 @@ async def test_a_client_that_leaves_after_acks_while_queued_leaves_nothing(
     await eventually(lambda: len(server.gateway.snapshot().connections) == 1, what="bob gone")
     assert "u2" not in server.gateway.snapshot().users
     assert queue.admitted == 0 and queue.waiting == 0
+
+
+def _hold_typing(gate: asyncio.Event) -> Callable[[Gateway], None]:
+    """Make every typing claim wait for ``gate`` (its backend slot stays taken)."""
+
+    def customize(gateway: Gateway) -> None:
+        typing = gateway.handlers.table[StartTyping].__self__  # type: ignore[attr-defined]
+        real = typing._gate.claim
+
+        async def claim(key: str, ttl_ms: int) -> bool:
+            await gate.wait()
+            return bool(await real(key, ttl_ms))
+
+        typing._gate.claim = claim
+
+    return customize
+
+
+async def test_backend_slots_are_configured(start_gateway: StartGateway) -> None:
+    default = await start_gateway()
+    assert default.gateway.backend_slots.concurrency == 48
+    three = await start_gateway({"GATEWAY_BACKEND_CONCURRENCY": "3"})
+    assert three.gateway.backend_slots.concurrency == 3
+
+
+async def test_an_operation_waiting_for_a_backend_slot_holds_its_frames_in_the_socket(
+    start_gateway: StartGateway,
+) -> None:
+    """One backend slot (GATEWAY_BACKEND_CONCURRENCY=1), taken by alice's TYPING_START
+    until the test lets it go: bob's PRESENCE_UPDATE waits for the slot, and bob's
+    HEARTBEAT behind it is not read meanwhile (no ACK); then both are answered, in
+    order, and nothing is refused or closed."""
+    gate = asyncio.Event()
+    server = await start_gateway(
+        {"GATEWAY_BACKEND_CONCURRENCY": "1"}, customize=_hold_typing(gate)
+    )
+    slots = server.gateway.backend_slots
+    alice = await server.login("u1")
+    bob = await server.login("u2")
+    watcher = await server.login("u3")
+    await watcher.subscribe("s1")
+    await alice.send_op("TYPING_START", {"channelId": "c1"})
+    await eventually(lambda: slots.admitted == 1, what="alice holds the slot")
+    await bob.send_op("PRESENCE_UPDATE", {"status": "dnd"})
+    await bob.send_op("HEARTBEAT")
+    await eventually(lambda: slots.waiting == 1, what="bob waits for the slot")
+    await bob.assert_no_frame(0.5)
+    gate.set()
+    await bob.expect("HEARTBEAT_ACK")
+    typing = await watcher.expect("TYPING_START")
+    assert typing["d"]["userId"] == "u1"
+    dnd = {"userId": "u2", "serverId": "s1", "status": "dnd"}
+    await watcher.expect_event("PRESENCE_UPDATE", dnd)
+    assert slots.admitted == 0 and slots.waiting == 0
+    await alice.heartbeat()
