@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import array
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -85,6 +86,8 @@ class Stats:
         self.error_samples: list[str] = []
         self.watch_target = -1
         self.watch_count = 0
+        #: HEARTBEAT -> HEARTBEAT_ACK round trips of the storm's watchers (ns).
+        self.hb_rtts = array.array("q")
 
 
 class LoadGen:
@@ -180,6 +183,12 @@ class GatewayConn(BaseConn):
         self.seq = 0
         #: False: the handshake ends at READY and ``subscribe`` sends SUBSCRIBE_SERVER.
         self.auto_subscribe = True
+        #: Send times (ns) of HEARTBEATs not yet ACKed (storm watchers only).
+        self.hb_sent: list[int] = []
+
+    def heartbeat(self) -> None:
+        self.hb_sent.append(time.time_ns())
+        self.send(b'{"op":"HEARTBEAT","d":null}')
 
     def subscribe(self) -> None:
         self.send(b'{"op":"SUBSCRIBE_SERVER","d":{"serverId":"' + self.room.encode() + b'"}}')
@@ -198,6 +207,8 @@ class GatewayConn(BaseConn):
                     self.send(b'{"op":"IDENTIFY","d":{"token":"' + self.token.encode() + b'"}}')
                 elif op == b"ERROR":
                     self.lg.on_error(p)
+                elif op == b"HEARTBEAT_ACK" and self.hb_sent:
+                    self.lg.stats.hb_rtts.append(time.time_ns() - self.hb_sent.pop(0))
                 self.lg.on_other(op)
                 return
             if op == b"READY":
@@ -386,6 +397,22 @@ async def cmd_collect(lg: LoadGen, cmd: dict[str, Any], reply: Callable[[dict[st
     return result
 
 
+async def _watch(lg: LoadGen, every_s: float, watchers: int) -> None:
+    """The storm's watchers: ``watchers`` connections spread over this process each
+    send a HEARTBEAT every ``every_s`` (staggered; within PROTOCOL's 120 frames a
+    minute beside the storm's own frames); their ACKs' round trips are recorded."""
+    conns = [c for c in lg.conns if isinstance(c, GatewayConn)]
+    chosen = conns[:: max(1, len(conns) // max(1, watchers))][:watchers]
+    if not chosen:
+        return
+    gap = every_s / len(chosen)
+    while True:
+        for conn in chosen:
+            if conn.transport is not None and not conn.transport.is_disconnected:
+                conn.heartbeat()
+            await asyncio.sleep(gap)
+
+
 async def cmd_storm(lg: LoadGen, cmd: dict[str, Any]) -> dict[str, Any]:
     frames: list[list[str]] = cmd["frames"]  # by connection index
     if len(frames) != lg.specs:
@@ -404,6 +431,8 @@ async def cmd_storm(lg: LoadGen, cmd: dict[str, Any]) -> dict[str, Any]:
     width = max((len(frames[c.index]) for c in conns), default=0)
     slot = spread / max(1, n * width)
     start = time.monotonic()
+    beat = asyncio.ensure_future(_watch(lg, float(cmd.get("hb_every_s", 1.0)),
+                                        int(cmd.get("hb_watchers", 20))))
     k = 0
     for j in range(width):
         for conn in conns:
@@ -417,12 +446,27 @@ async def cmd_storm(lg: LoadGen, cmd: dict[str, Any]) -> dict[str, Any]:
                     await asyncio.sleep(delay)
     t_sent = time.time_ns()
     complete = await _wait_done(lg, float(cmd.get("timeout", 60.0)), float(cmd.get("idle_s", 5.0)))
+    beat.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await beat
+    # The last HEARTBEATs' ACKs are still on their way: wait for them (bounded).
+    for _ in range(500):
+        if not any(c.hb_sent for c in conns if isinstance(c, GatewayConn)):
+            break
+        await asyncio.sleep(0.01)
     st = lg.stats
+    rtts = sorted(st.hb_rtts)
     result = {"ok": True, "complete": complete, "received": st.watch_count,
               "expected": st.watch_target, "t0": t0, "t_sent": t_sent, "last_ns": st.last_ns,
               "ops": dict(st.ops), "errors": st.errors, "error_samples": st.error_samples,
               "seq_gaps": st.seq_gaps, "dropped": dict(lg.dropped),
+              "hb_rtts_ms": [rtts[int(q * (len(rtts) - 1))] / 1e6 for q in (0.5, 0.99, 1.0)]
+              if rtts else [], "hb_count": len(rtts), "hb_unanswered": sum(
+                  len(c.hb_sent) for c in conns if isinstance(c, GatewayConn)),
               "cpu": time.process_time() - cpu0}
+    for conn in conns:
+        if isinstance(conn, GatewayConn):
+            conn.hb_sent.clear()
     lg.done = None
     lg.watch_ops = frozenset()
     st.reset()

@@ -63,6 +63,7 @@ class Options:
     storm: StormSpec
     profile_seconds: int
     storm_rounds: int
+    joinstorm: FanoutSpec
     docs: Path | None
     command: str
     gateway_backend: str
@@ -91,6 +92,10 @@ def parse(argv: list[str]) -> Options:
     p.add_argument("--storm-rates", default="125,250,500,1000",
                    help="storm ramp: offered client frames/s per step")
     p.add_argument("--storm-group", type=int, default=20, help="users per server in the storm")
+    p.add_argument("--joinstorm-n", type=int, default=2000,
+                   help="join storm: members of the one server (default 2000)")
+    p.add_argument("--joinstorm-concurrency", type=int, default=100,
+                   help="join storm: handshakes in flight (default 100)")
     p.add_argument("--profile-seconds", type=int, help="default 8, quick 4")
     p.add_argument("--storm-rounds", type=int, default=1,
                    help="rounds that include the storm (gateway only; default 1)")
@@ -127,6 +132,8 @@ def parse(argv: list[str]) -> Options:
                         clients=args.clients),
         profile_seconds=args.profile_seconds or (4 if quick else 8),
         storm_rounds=args.storm_rounds,
+        joinstorm=FanoutSpec(n=args.joinstorm_n, concurrency=args.joinstorm_concurrency,
+                             clients=args.clients),
         docs=None if args.no_docs else ROOT / "docs" / "BENCHMARKS.md",
         command="bench/run" + "".join(" " + shlex.quote(a) for a in argv),
         gateway_backend=args.gateway_backend,
@@ -208,7 +215,7 @@ class Run:
                                run_storm(self.ctx, o.storm, f"{tag}-gw-s", self.notes))
             if "joinstorm" in o.scenarios and GATEWAY in o.systems and fanout_ok:
                 await self.one(f"round {r + 1} joinstorm gateway", GATEWAY, "joinstorm",
-                               run_joinstorm(self.ctx, o.fanout, f"{tag}-gw-j", self.notes))
+                               run_joinstorm(self.ctx, o.joinstorm, f"{tag}-gw-j", self.notes))
 
     async def profile(self, publisher: Publisher) -> None:
         if "profile" not in self.opts.scenarios or not self.ctx.gateway_redis:

@@ -86,10 +86,13 @@ def rows(paced_rate: float) -> list[Row]:
         Row("Storm: typing+presence events delivered/s at that rate", "storm.deliveries_ps"),
         Row("Storm: server CPU share of a core at that rate", "storm.cpu_util", "{:.0%}"),
         Row("Storm: server CPU per delivered event (us)", "storm.cpu_us_per_delivery", "{:,.1f}"),
+        Row("Storm: watchers' HEARTBEAT round trip p99 at that rate (ms)", "storm.hb_p99_ms",
+            "{:,.1f}"),
         Row("Storm: offered rate at which it broke (frames/s)", "storm.broke_at_fps"),
         Row("Storm: connections the server closed", "storm.closed"),
         Row("Join storm: N members of one server connect+subscribe (s)", "joinstorm.connect_s",
             "{:,.1f}"),
+        Row("Join storm: handshakes/s (compare with the ceiling's connect rate)", "joinstorm.hps"),
         Row("Join storm: handshakes that failed", "joinstorm.failed"),
         Row("Join storm: PRESENCE_UPDATE deliveries it caused", "joinstorm.presence_deliveries"),
     ]

@@ -20,6 +20,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from math import nan
 from pathlib import Path
 from typing import Any
 
@@ -352,6 +353,7 @@ async def run_joinstorm(ctx: Context, spec: FanoutSpec, tag: str, notes: list[st
         notes.append(f"{tag}: connections closed by the server afterwards: {closes}")
     return {
         "connect_s": (conn["t1"] - conn["t0"]) / 1e9,
+        "hps": conn["connected"] / max(1e-9, (conn["t1"] - conn["t0"]) / 1e9),
         "failed": float(failed),
         "presence_deliveries": (after.get("gateway_deliveries_total", 0.0)
                                 - before.get("gateway_deliveries_total", 0.0)),
@@ -422,12 +424,19 @@ async def run_storm(ctx: Context, spec: StormSpec, tag: str, notes: list[str]) -
                          - before.get("gateway_deliveries_total", 0.0))
             lost = 100.0 * (expected - received) / max(1, expected)
             errors = sum(r["errors"] for r in replies)
+            # The watchers' HEARTBEAT round trips (ms): p50, p99, max (the worst process).
+            hb = [max((r["hb_rtts_ms"][q] for r in replies if r["hb_rtts_ms"]), default=nan)
+                  for q in range(3)]
+            unanswered = sum(r["hb_unanswered"] for r in replies)
             notes_step = (f"{tag} step {step + 1} ({rate:g} frames/s offered): "
                           f"{frames / elapsed:,.0f} frames/s, {received / elapsed:,.0f} events/s, "
                           f"lost {lost:.1f}%, closed {closed}, errors {errors}, "
-                          f"server CPU {(cpu1 - cpu0) / elapsed:.0%}")
-            if closed or lost > 0.5 or errors:
-                notes.append(notes_step)
+                          f"server CPU {(cpu1 - cpu0) / elapsed:.0%}, watchers' HEARTBEAT "
+                          f"round trip p50/p99/max {hb[0]:,.1f}/{hb[1]:,.1f}/{hb[2]:,.1f} ms "
+                          f"({sum(r['hb_count'] for r in replies)} ACKed, "
+                          f"{unanswered} unanswered)")
+            notes.append(notes_step)
+            if closed or lost > 0.5 or errors or unanswered:
                 broke_at = rate
                 break
             best = {
@@ -437,12 +446,13 @@ async def run_storm(ctx: Context, spec: StormSpec, tag: str, notes: list[str]) -
                 "server_deliveries_ps": delivered / elapsed,
                 "cpu_util": (cpu1 - cpu0) / elapsed,
                 "cpu_us_per_delivery": (cpu1 - cpu0) / max(1, received) * 1e6,
+                "hb_p99_ms": hb[1],
             }
         snap1 = _snapshot(ctx, servers, clients)
     return {
         **{k: best.get(k, float("nan")) for k in (
             "offered_fps", "frames_ps", "deliveries_ps", "server_deliveries_ps", "cpu_util",
-            "cpu_us_per_delivery")},
+            "cpu_us_per_delivery", "hb_p99_ms")},
         "broke_at_fps": broke_at,
         "closed": float(closed_total),
         "foreign_cores": foreign_cores(snap0, snap1),

@@ -11,6 +11,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from adapters.shell import Gateway
@@ -20,6 +21,31 @@ from entrypoints.config import Config
 from entrypoints.http_api import publish_route
 
 GatewayFactory = Callable[[], AbstractAsyncContextManager[Gateway]]
+
+WS_PATH = "/ws/gateway"
+
+
+class GatewayApp(Starlette):
+    """Starlette, with the gateway's WebSocket handed straight to its endpoint.
+
+    Every other request goes through Starlette's middleware and router as usual. The
+    WebSocket skips them: for a WebSocket they add nothing (the error middleware
+    re-raises, no route raises WebSocketException) but half a dozen coroutine frames
+    that every wake-up of the connection's reader resumes through, and their setup per
+    connection (a measurable share of a handshake, docs/BENCHMARKS.md issue 13)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and _route_path(scope) == WS_PATH:
+            scope["app"] = self
+            await websocket_endpoint(WebSocket(scope, receive, send))
+            return
+        await super().__call__(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def _gateway(scope_app: Starlette) -> Gateway:
@@ -91,9 +117,9 @@ def create_app(
                     await gateway.drain()
                 group.cancel_scope.cancel()
 
-    return Starlette(
+    return GatewayApp(
         routes=[
-            WebSocketRoute("/ws/gateway", websocket_endpoint),
+            WebSocketRoute(WS_PATH, websocket_endpoint),  # GatewayApp serves it directly
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),

@@ -115,6 +115,7 @@ class Config:
             permission_cache_ttl_ms=_int(env, "GATEWAY_PERMISSION_CACHE_TTL_MS", 30_000, 0),
             backend_timeout_ms=_int(env, "GATEWAY_BACKEND_TIMEOUT_MS", 5_000, 1),
             identify_concurrency=_int(env, "GATEWAY_IDENTIFY_CONCURRENCY", 16, 1),
+            backend_concurrency=_int(env, "GATEWAY_BACKEND_CONCURRENCY", 48, 1),
             presence_grace_ms=_int(env, "GATEWAY_PRESENCE_GRACE_MS", 15_000, 1),
             drain_timeout_ms=_int(env, "GATEWAY_DRAIN_TIMEOUT_MS", 10_000, 0),
             close_timeout_ms=_int(env, "GATEWAY_CLOSE_TIMEOUT_MS", 2_000, 1),

@@ -5,8 +5,7 @@ drains it, and runs the one effect interpreter (:meth:`Connection.perform`): fra
 read from the socket go to the session, and the effects that come back run in one
 flat loop, in the shape of hypercorn's ``WSStream._handle_events``. Effects that need
 the world are handed to the :class:`SessionHost`, which does the I/O and *returns*
-the session's answer as more effects for the same loop. Nothing calls back into the
-connection.
+the session's answer as more effects for the same loop (it never calls back).
 
 Fan-out never awaits a socket: it stamps the session's next ``s`` into a frame
 encoded once per event and appends it to the queue (:meth:`Connection.enqueue`). A
@@ -31,7 +30,7 @@ import anyio.abc
 
 from adapters.shell.live import Adopt, LiveSession, Work
 from adapters.shell.metrics import Metrics
-from domain.codec import CloseCode
+from domain.codec import CloseCode, Heartbeat, decode_command
 from domain.effects import Authenticate, Close, Reattach, Reclaim, Send
 from domain.ports import Clock, MessageTooBig, Transport, TransportClosed
 from domain.session import Session, State
@@ -330,7 +329,7 @@ class Connection:
             self._wake = new_event()
             await self._wake.wait()
 
-    # --- inbound ------------------------------------------------------------------
+    # --- inbound -------------------------------------------------------------------
 
     async def run(self) -> None:
         """Serve the connection until either side closes it."""
@@ -364,8 +363,11 @@ class Connection:
                 if raw is None:
                     continue
             held = self._held
-            if held is None:
-                await self._handle_frame(raw)
+            if held is None or (
+                self.live.session.state is State.IDENTIFYING
+                and isinstance(decode_command(raw), Heartbeat)
+            ):
+                await self._handle_frame(raw)  # PROTOCOL 15: ACKed at once while queued
                 continue
             held.append(raw)
             if len(held) > session.config.rate_limit_count:
@@ -374,8 +376,7 @@ class Connection:
                 self._resume = self._event_class()
                 if self._held is not None:
                     await self._resume.wait()
-        # Closed by us: the sender finishes the close handshake. Keep reading (and
-        # discarding) until the peer's close or the end of the transport.
+        # Closed by us: the sender finishes the close; read and discard until the end.
         receive = self.transport.receive
         while True:
             with contextlib.suppress(MessageTooBig):

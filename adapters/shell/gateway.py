@@ -88,6 +88,8 @@ class Gateway:
         self.interest = PresenceInterest()
         #: PROTOCOL 15: the bounded IDENTIFY (and RESUME) queue of this instance.
         self.queue = Admission(s.identify_concurrency)
+        #: PROTOCOL 15: the bound on client operations' backend calls in flight.
+        self.backend_slots = Admission(s.backend_concurrency)
         self.fanout = FanOut(
             self.routes,
             permissions,
@@ -153,6 +155,7 @@ class Gateway:
             interest=self.interest,
             watch=PresenceWatch(self.interest, permissions, presence, self.metrics, timeout),
             admission=self.queue,
+            backend=self.backend_slots,
             on_closed=self.closed,
         )
         # The in-process publishing API (PROTOCOL section 8).
@@ -203,7 +206,7 @@ class Gateway:
         await conn.perform(session.hello())
         self.admission.admit(conn)
         self.metrics.connections_opened.inc()
-        log.info("connection opened", extra={"session_id": session.session_id})
+        log.debug("connection opened", extra={"session_id": session.session_id})
         await conn.run()
 
     async def drain(self, timeout: float | None = None) -> None:

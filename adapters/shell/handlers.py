@@ -60,6 +60,11 @@ def _entry(
 
 
 _SUB = "SUBSCRIBE_SERVER"
+#: Client operations bounded by the shell-wide backend slots (handshakes have their
+#: own admission queue; UNSUBSCRIBE_SERVER never waits for a backend).
+_GATED: frozenset[type] = frozenset(
+    {Subscribe, StartTyping, SetPresence, WatchPresence, Announce}
+)
 _AUTH_FAILED = IdentifyFailed(CloseCode.AUTHENTICATION_FAILED, "authentication failed")
 
 
@@ -80,6 +85,7 @@ class Handlers:
         interest: PresenceInterest,
         watch: PresenceWatch,
         admission: Admission,
+        backend: Admission,
         on_closed: Callable[[Connection], Awaitable[None]],
     ) -> None:
         self._on_closed = on_closed
@@ -92,6 +98,7 @@ class Handlers:
         self._permissions = permissions
         self._interest = interest
         self._admission = admission
+        self._backend = backend
         self._timeout = seconds(settings.backend_timeout_ms)
         self.table: dict[type, Handler] = dict(
             [
@@ -111,7 +118,14 @@ class Handlers:
     # --- adapters.shell.connection.SessionHost -------------------------------------
 
     async def handle(self, live: LiveSession, effect: Work) -> Sequence[Work]:
-        return await self.table[type(effect)](live, effect)
+        handler = self.table[type(effect)]
+        if type(effect) not in _GATED:
+            return await handler(live, effect)
+        # PROTOCOL 15: a bounded number of operations call the backends at once; this
+        # one waits for a slot with no timer running (its deadline starts inside), and
+        # its connection's reader meanwhile takes no frame: the rest wait in the socket.
+        async with self._backend.slot():
+            return await handler(live, effect)
 
     async def closed(self, conn: Connection) -> None:
         await self._on_closed(conn)

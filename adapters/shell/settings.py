@@ -31,6 +31,11 @@ class GatewaySettings:
     backend_timeout_ms: int = 5_000
     #: PROTOCOL 15: handshakes (IDENTIFY) doing backend work at once; the rest queue.
     identify_concurrency: int = 16
+    #: PROTOCOL 15: client operations doing backend work at once (SUBSCRIBE_SERVER,
+    #: TYPING_START, PRESENCE_UPDATE, SUBSCRIBE_PRESENCE, READY's announce); the rest
+    #: wait in their sockets (the connection's reader takes no frame meanwhile), with
+    #: no timer running. With IDENTIFY_CONCURRENCY (16) within the Redis pools (64).
+    backend_concurrency: int = 48
     #: From the decision to close, how long the queued frames, the close frame and the
     #: peer's answer may take before the transport is aborted (PROTOCOL section 6).
     close_timeout_ms: int = 2_000

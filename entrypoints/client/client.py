@@ -103,8 +103,8 @@ class _Link:
     conn: WebSocketConnection
     scope: anyio.CancelScope
     awaiting_ack: bool = False
-    #: IDENTIFY or RESUME sent, READY or RESUMED not yet: a gateway may hold the
-    #: HEARTBEATs behind its admission queue (PROTOCOL 15), so no zombie check then.
+    #: IDENTIFY or RESUME sent, READY or RESUMED not yet: no zombie check then. This
+    #: gateway ACKs at once while queued (PROTOCOL 15); an older one held the ACKs.
     handshaking: bool = False
     ready: bool = False
     resuming: bool = False

@@ -4,6 +4,8 @@ the incoming message size limit in UTF-8 bytes of the assembled message."""
 from __future__ import annotations
 
 import pytest
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import InvalidStatus
 
 from tests.blackbox.conftest import GatewayServer, eventually
 
@@ -43,7 +45,16 @@ async def test_permessage_deflate_is_never_negotiated(harness: GatewayServer) ->
 async def test_other_paths_are_not_the_gateway(harness: GatewayServer) -> None:
     async with harness.http() as http:
         response = await http.get("/ws/other")
+        # A plain GET of the gateway's own path is not a WebSocket: not served.
+        assert (await http.get("/ws/gateway")).status_code == 404
     assert response.status_code == 404
+    # The gateway's WebSocket skips Starlette's router (entrypoints.app.GatewayApp);
+    # a WebSocket to any other path still goes through it and is refused.
+    for path in ("/ws/other", "/ws/gateway/", "/ws/gatewayx", "/"):
+        with pytest.raises(InvalidStatus) as refused:
+            await ws_connect(f"ws://{harness.host}:{harness.port}{path}", proxy=None)
+        assert refused.value.response.status_code == 403, path
+    assert harness.gateway.snapshot().connections == frozenset()
 
 
 async def test_a_message_of_exactly_the_limit_is_accepted(harness: GatewayServer) -> None:

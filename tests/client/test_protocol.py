@@ -189,8 +189,9 @@ async def test_heartbeats_keep_an_acked_connection_and_drop_a_zombie(fake: FakeG
 
 
 async def test_no_zombie_check_while_queued_for_admission(fake: FakeGateway) -> None:
-    """PROTOCOL 15: a gateway may hold HEARTBEATs while the IDENTIFY waits in its
-    admission queue; the unanswered heartbeats of the handshake are not a zombie."""
+    """PROTOCOL 15: this gateway ACKs HEARTBEATs while the IDENTIFY waits in its
+    admission queue, but an older one held them until READY; the unanswered heartbeats
+    of a handshake are not a zombie (the client stays lenient)."""
     async with connect(fake.url, "tok", backoff=FAST) as client:
         peer = await fake.accept()
         peer.auto_ack = False

@@ -91,11 +91,12 @@ def test_a_client_that_leaves_while_queued_leaves_the_queue() -> None:
         await world.until(lambda: queue.admitted == 1, "the first admitted")
         queued = await identify(world, "u2")
         await world.until(lambda: queue.waiting == 1, "the second queued")
-        # Frames sent while queued are read (a leaving client is noticed) and held.
+        # Frames sent while queued are read (a leaving client is noticed) and held;
+        # a HEARTBEAT is answered at once (PROTOCOL 15), the rest waits for READY.
         await queued.send_op("HEARTBEAT")
         await queued.send_op("IDENTIFY", {"token": "token:u2"})
         await anyio.sleep(0.1)
-        assert queued.pending() == []
+        assert [frame["op"] for frame in queued.pending()] == ["HEARTBEAT_ACK"]
         queued.drop()
         await world.until(lambda: queue.waiting == 0, "the queue left")
         await world.until(lambda: len(world.gateway.snapshot().connections) == 1, "gone")
@@ -117,20 +118,26 @@ def test_frames_sent_while_queued_are_answered_after_ready_in_order() -> None:
         first = await identify(world, "u1")
         await world.until(lambda: world.gateway.queue.admitted == 1, "the first admitted")
         queued = await identify(world, "u2")
+        await queued.send_op("SUBSCRIBE_SERVER", {"serverId": "nowhere"})
         await queued.send_op("HEARTBEAT")
         await queued.send_op("IDENTIFY", {"token": "token:u2"})
+        await queued.send_op("HEARTBEAT")
         await queued.send_op("SUBSCRIBE_SERVER", {"serverId": "s1"})
+        # The HEARTBEATs are ACKed while still queued (the first handshake holds the
+        # only slot), even behind an earlier held frame; the rest waits, in order.
+        assert [(await queued.event())["op"] for _ in range(2)] == ["HEARTBEAT_ACK"] * 2
+        assert world.gateway.queue.waiting == 1
         assert (await first.event())["op"] == "READY"
         ops = [(await queued.event())["op"] for _ in range(4)]
-        assert ops == ["READY", "HEARTBEAT_ACK", "ERROR", "SUBSCRIBED"]
+        assert ops == ["READY", "ERROR", "ERROR", "SUBSCRIBED"]
 
     run(directory, settings, scenario)
 
 
 def test_a_long_queue_is_not_a_heartbeat_timeout() -> None:
     """Queued behind a handshake that takes 50 s, a client that keeps heartbeating is
-    READY after ~100 s, past the 60 s heartbeat timeout: it is not closed 4009 (its
-    HEARTBEATs were held, not lost)."""
+    READY after ~100 s, past the 60 s heartbeat timeout: it is not closed 4009, and
+    each HEARTBEAT is ACKed while it queues (PROTOCOL 15), not after READY."""
     directory = PooledDirectory(size=1, latency=25.0)
     settings = replace(SETTINGS, identify_concurrency=1, backend_timeout_ms=120_000)
 
@@ -138,12 +145,12 @@ def test_a_long_queue_is_not_a_heartbeat_timeout() -> None:
         first = await identify(world, "u1")
         await world.until(lambda: world.gateway.queue.admitted == 1, "the first admitted")
         queued = await identify(world, "u2")
-        for _ in range(5):
+        for _ in range(4):  # at 20, 40, 60, 80 s: READY comes at ~100 s
             await anyio.sleep(20.0)
             await queued.send_op("HEARTBEAT")
+            assert (await queued.event())["op"] == "HEARTBEAT_ACK"
         assert (await first.event())["op"] == "READY"
         assert (await queued.event())["op"] == "READY"
         assert queued.close_code is None
-        assert [(await queued.event())["op"] for _ in range(5)] == ["HEARTBEAT_ACK"] * 5
 
     run(directory, settings, scenario)
