@@ -7,8 +7,9 @@ session S owned by A and resumed on B:
 1. B publishes ``ask`` {sid, user, seq} on ``gw:resume``. A, if it holds S for that
    user, can replay from ``seq`` and no other RESUME of S is under way, claims S (a
    zombie's connection is closed 4014 and S parks) and answers ``offer`` with S's
-   subscriptions. No answer within the backend timeout (unknown session, dead owner):
-   INVALID_SESSION.
+   subscriptions; every other live instance answers ``absent`` (``Peers``: who is
+   alive, from their ``here`` announcements). Every live instance absent (unknown
+   session), or no answer within the backend timeout: INVALID_SESSION.
 2. B makes its own parked copy of S, opens its presence session (the session id moves
    to B in the store: no flap), subscribes the broker to S's channels (``ws:user:``,
    each ``ws:server:``) and, once live, publishes a ``marker`` on each of them.
@@ -41,6 +42,7 @@ import anyio
 import anyio.abc
 
 from adapters.shell.live import LiveSession
+from adapters.shell.peers import ANNOUNCE_S, Peers
 from adapters.shell.presence import PresenceKeeper
 from adapters.shell.publisher import BACKEND_ERRORS
 from adapters.shell.resume import Resumer
@@ -106,6 +108,10 @@ class _Incoming:
     shipped: dict[str, Any] = field(default_factory=dict)
     live: LiveSession | None = None
     waiting: set[str] = field(default_factory=set)
+    #: The instances that answered they do not hold the session, and a wake-up for
+    #: every answer.
+    absent: set[str] = field(default_factory=set)
+    news: anyio.Event = field(default_factory=anyio.Event)
 
 
 class Handoff:
@@ -126,7 +132,9 @@ class Handoff:
         self._routes = routes
         self._resumer = resumer
         self._keeper = keeper
+        self._me = instance_id
         self._mine = instance_channel(instance_id)
+        self.peers = Peers(instance_id)
         self._clock = clock
         self._config = config
         self._timeout = timeout
@@ -136,12 +144,20 @@ class Handoff:
         self._incoming: dict[str, _Incoming] = {}
 
     async def start(self, tasks: anyio.abc.TaskGroup) -> None:
+        """Listen, then say ``here`` every ANNOUNCE_S until cancelled, then ``gone``."""
         self._tasks = tasks
         for channel in (RESUME_CHANNEL, self._mine):
             try:
                 await self._routes.interest.acquire(channel)
             except BACKEND_ERRORS as exc:
                 log.warning("handoff: could not subscribe %s: %r", channel, exc)
+        try:
+            while True:
+                await self._publish(RESUME_CHANNEL, _dumps({"gw": "here", "id": self._me}))
+                await anyio.sleep(ANNOUNCE_S)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(0.5):
+                await self._publish(RESUME_CHANNEL, _dumps({"gw": "gone", "id": self._me}))
 
     def _publish_soon(self, channel: str, doc: dict[str, Any]) -> None:
         if self._tasks is not None:
@@ -161,7 +177,15 @@ class Handoff:
             try:
                 doc = json.loads(payload)
                 kind = doc["gw"]
-                if kind == "ask":
+                if kind == "here":
+                    peer, now = str(doc["id"]), self._clock.monotonic()
+                    if peer != self._me and not self.peers.is_alive(peer, now):
+                        # A newcomer (or one back): let it know us now, not in a second.
+                        self._publish_soon(RESUME_CHANNEL, {"gw": "here", "id": self._me})
+                    self.peers.heard(peer, now)
+                elif kind == "gone":
+                    self.peers.gone(str(doc["id"]))
+                elif kind == "ask":
                     self._asked(doc)
                 elif doc.get("nonce") in self._incoming:
                     self._answered(kind, doc)
@@ -184,9 +208,10 @@ class Handoff:
     def _asked(self, doc: dict[str, Any]) -> None:
         sid, user_id, seq = str(doc["sid"]), str(doc["user"]), int(doc["seq"])
         live = self._resumer.sessions.get(sid)
-        if live is None:
-            return  # not ours: the owner (if any) answers
         reply = str(doc["reply"])
+        if live is None:  # not ours: say so, the asker need not wait for us
+            self._publish_soon(reply, {"gw": "absent", "nonce": doc["nonce"], "id": self._me})
+            return
         if not self._resumer.claim_for_handoff(live, user_id, seq):
             self._publish_soon(reply, {"gw": "refuse", "nonce": doc["nonce"]})
             return
@@ -236,7 +261,10 @@ class Handoff:
 
     def _answered(self, kind: str, doc: dict[str, Any]) -> None:
         incoming = self._incoming[doc["nonce"]]
-        if kind == "offer":
+        incoming.news.set()
+        if kind == "absent":
+            incoming.absent.add(str(doc["id"]))
+        elif kind == "offer":
             incoming.subscriptions = [str(s) for s in doc["subs"]]
             incoming.accepted = True
             incoming.offer.set()
@@ -275,9 +303,17 @@ class Handoff:
                 "seq": seq,
                 "reply": self._mine,
             }
-            with anyio.move_on_after(self._ask_timeout):
+            # Known peers: wait for each live one's answer (a slow owner is waited for,
+            # up to the backend timeout). None known yet: the owner's answer, briefly.
+            expected = self.peers.alive(self._clock.monotonic())
+            with anyio.move_on_after(self._timeout if expected else self._ask_timeout):
                 await self._broker.publish(RESUME_CHANNEL, _dumps(ask))
-                await incoming.offer.wait()
+                while not incoming.offer.is_set():
+                    if expected and not self._unanswered(expected, incoming):
+                        break  # every live instance said it does not hold the session
+                    with anyio.move_on_after(ANNOUNCE_S / 2):  # and re-check who lives
+                        await incoming.news.wait()
+                    incoming.news = anyio.Event()
             if not incoming.accepted:
                 return None  # refused, or no owner answered (unknown, dead instance)
             return await self._arrive(nonce, incoming, sid, user, servers)
@@ -286,6 +322,10 @@ class Handoff:
             return None
         finally:
             del self._incoming[nonce]
+
+    def _unanswered(self, expected: set[str], incoming: _Incoming) -> set[str]:
+        now = self._clock.monotonic()
+        return {p for p in expected - incoming.absent if self.peers.is_alive(p, now)}
 
     async def _arrive(
         self, nonce: str, incoming: _Incoming, sid: SessionId, user: User, servers: list[Server]

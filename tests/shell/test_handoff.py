@@ -303,3 +303,37 @@ def test_a_handoff_that_fails_midway_releases_only_what_it_took() -> None:
         assert frame["d"] == {"i": 7}
 
     run_pair(test)
+
+
+def test_a_slow_owner_is_waited_for_and_an_unknown_session_refused_on_the_answers() -> None:
+    """Every live instance answers an ask (PROTOCOL 13 across instances): an owner whose
+    answer takes 2 s under a storm is waited for (it used to be taken for absent after
+    1 s: INVALID_SESSION, the events of the gap lost); a session nobody holds is
+    refused as soon as every live instance said so, before any timer."""
+
+    async def test(pair: Pair) -> None:
+        assert pair.b.handoff.peers.alive(anyio.current_time()) == {"A"}
+        started = anyio.current_time()
+        unknown = await resume(pair, pair.b, "no-such-session", 0)
+        assert (await unknown.recv())["op"] == "INVALID_SESSION"
+        assert anyio.current_time() - started < 0.5
+
+        alice = await pair.login(pair.a, "u1")
+        sid = sid_of(pair.a, "u1")
+        alice.drop()
+        await pair.until(lambda: sid in pair.a.snapshot().parked)
+        asked = pair.a.handoff._asked
+
+        async def later(doc: dict[str, Any]) -> None:
+            await anyio.sleep(2.0)
+            asked(doc)
+
+        def slowly(doc: dict[str, Any]) -> None:
+            pair.group.start_soon(later, doc)
+
+        pair.a.handoff._asked = slowly  # type: ignore[method-assign]
+        again = await resume(pair, pair.b, sid, 1)
+        _, resumed = await read_until_resumed(again)
+        assert resumed["d"]["sessionId"] == sid
+
+    run_pair(test)
