@@ -101,6 +101,8 @@ class Run:
         self.ctx, self.resume, self.n, self.rate, self.group = ctx, resume, n, rate, group
         self.secret = ctx.jwt_secret
         self.extra_env: dict[str, str] = {}
+        self.profile: str | None = None
+        self.spy: asyncio.subprocess.Process | None = None
 
     async def main(self) -> dict[str, float]:
         plan = grouped_plan("d", self.n, self.group)
@@ -131,6 +133,14 @@ class Run:
                     drained_at = time.monotonic()
                     cpu_b = cpu_seconds(self.b.pid)
                     cpu_me = time.process_time()
+                    if self.profile:
+                        self.spy = await asyncio.create_subprocess_exec(
+                            str(Path(self.ctx.python).with_name("py-spy")), "record",
+                            "-p", str(self.b.pid), "-r", "250", "-d", str(int(PUBLISH_S)),
+                            "--format", "raw", "-o", f"{self.profile}/b-resume-{self.resume}.txt",
+                            stdout=asyncio.subprocess.DEVNULL,
+                            stderr=asyncio.subprocess.DEVNULL,
+                        )
                     os.kill(self.a.pid, signal.SIGTERM)
                 room = rooms[i % len(rooms)]
                 envelope = {"event": {"op": "MSG", "d": {"i": i}}, "channelId": None,
@@ -141,6 +151,8 @@ class Run:
             await asyncio.sleep(SETTLE_S)
             cpu_b = cpu_seconds(self.b.pid) - cpu_b
             cpu_me = time.process_time() - cpu_me
+            if self.spy is not None:
+                await self.spy.wait()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -177,6 +189,7 @@ async def main_async(args: argparse.Namespace) -> None:
             runs = [Run(ctx, resume, args.clients, args.rate, args.group) for resume in (1, 0)]
             for run in runs:
                 run.extra_env = dict(kv.split("=", 1) for kv in args.env)
+                run.profile = args.py_spy
             on = await runs[0].main()
             off = await runs[1].main()
         finally:
@@ -197,10 +210,13 @@ def main() -> None:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/15")
     parser.add_argument("--env", action="append", default=[], metavar="GATEWAY_X=V",
                         help="an extra setting for both gateways (repeatable)")
+    parser.add_argument("--py-spy", metavar="DIR",
+                        help="py-spy B from the drain on, collapsed stacks into DIR")
     parser.add_argument("--logs", help="keep the servers' logs in this folder")
     args = parser.parse_args()
-    if args.logs:
-        Path(args.logs).mkdir(parents=True, exist_ok=True)
+    for folder in (args.logs, args.py_spy):
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
     asyncio.run(main_async(args))
 
 
