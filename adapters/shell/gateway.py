@@ -132,6 +132,7 @@ class Gateway:
             routes=self.routes,
             resumer=self.resumer,
             keeper=self.keeper,
+            interest=self.interest,
             instance_id=self.instance_id,
             clock=clock,
             config=s.session,

@@ -7,9 +7,11 @@ session S owned by A and resumed on B:
 1. B publishes ``ask`` {sid, user, seq} on ``gw:resume``. A, if it holds S for that
    user, can replay from ``seq`` and no other RESUME of S is under way, claims S (a
    zombie's connection is closed 4014 and S parks) and answers ``offer`` with S's
-   subscriptions; every other live instance answers ``absent`` (``Peers``: who is
-   alive, from their ``here`` announcements). Every live instance absent (unknown
-   session), or no answer within the backend timeout: INVALID_SESSION.
+   subscriptions and its presence interest (PROTOCOL 14; B installs it before any
+   marker, so the client need not SUBSCRIBE_PRESENCE again); every other live
+   instance answers ``absent`` (``Peers``: who is alive, from their ``here``
+   announcements). Every live instance absent (unknown session), or no answer within
+   the backend timeout: INVALID_SESSION.
 2. B makes its own parked copy of S, opens its presence session (the session id moves
    to B in the store: no flap), subscribes the broker to S's channels (``ws:user:``,
    each ``ws:server:``) and, once live, publishes a ``marker`` on each of them.
@@ -44,6 +46,7 @@ import anyio.abc
 from adapters.shell.live import LiveSession
 from adapters.shell.peers import ANNOUNCE_S, Peers
 from adapters.shell.presence import PresenceKeeper
+from adapters.shell.presence_interest import PresenceInterest
 from adapters.shell.publisher import BACKEND_ERRORS
 from adapters.shell.resume import Resumer
 from adapters.shell.routing import Routes
@@ -82,6 +85,18 @@ async def _at_once(*calls: Callable[[], Coroutine[Any, Any, object]]) -> None:
         raise first from group
 
 
+def _interest(raw: object, subscriptions: list[str]) -> dict[str, list[str]]:
+    """The offer's presence interest, kept to the session's subscriptions and to
+    SUBSCRIBE_PRESENCE's bound of 100 string ids per server (anything else dropped)."""
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        server_id: [u for u in users if isinstance(u, str)][:100]
+        for server_id, users in raw.items()
+        if server_id in subscriptions and isinstance(users, list) and users
+    }
+
+
 def _channels(live: LiveSession) -> set[str]:
     user_id = live.session.user_id
     assert user_id is not None
@@ -105,6 +120,8 @@ class _Incoming:
     accepted: bool = False
     frames: anyio.Event = field(default_factory=anyio.Event)
     subscriptions: list[str] = field(default_factory=list)
+    #: The session's presence interest (PROTOCOL 14), server -> users.
+    interest: dict[str, list[str]] = field(default_factory=dict)
     shipped: dict[str, Any] = field(default_factory=dict)
     live: LiveSession | None = None
     waiting: set[str] = field(default_factory=set)
@@ -122,6 +139,7 @@ class Handoff:
         routes: Routes,
         resumer: Resumer,
         keeper: PresenceKeeper,
+        interest: PresenceInterest,
         instance_id: InstanceId,
         clock: Clock,
         config: SessionConfig,
@@ -133,6 +151,7 @@ class Handoff:
         self._resumer = resumer
         self._keeper = keeper
         self._me = instance_id
+        self._interest = interest
         self._mine = instance_channel(instance_id)
         self.peers = Peers(instance_id)
         self._clock = clock
@@ -217,7 +236,10 @@ class Handoff:
             return
         self._outgoing[doc["nonce"]] = _Outgoing(live, reply, _channels(live))
         subs = sorted(live.session.subscriptions)
-        self._publish_soon(reply, {"gw": "offer", "nonce": doc["nonce"], "subs": subs})
+        # Parked and claimed, S takes no frame: its interest (14) is final here.
+        offer: dict[str, Any] = {"gw": "offer", "nonce": doc["nonce"], "subs": subs}
+        offer["interest"] = self._interest.of(live)
+        self._publish_soon(reply, offer)
 
     def _marker_at_owner(self, nonce: str, channel: str) -> None:
         out = self._outgoing[nonce]
@@ -266,6 +288,7 @@ class Handoff:
             incoming.absent.add(str(doc["id"]))
         elif kind == "offer":
             incoming.subscriptions = [str(s) for s in doc["subs"]]
+            incoming.interest = _interest(doc.get("interest"), incoming.subscriptions)
             incoming.accepted = True
             incoming.offer.set()
         elif kind == "refuse":
@@ -334,6 +357,10 @@ class Handoff:
         arrive(live.session, user.id, incoming.subscriptions, self._clock.monotonic())
         live.user, live.servers = user, tuple(servers)
         held: list[str] = []  # the channels this copy holds interest in, to release
+        # The interest before the markers: from the moment B routes a large server's
+        # channel, its PRESENCE_UPDATEs are filtered for S as they were on A.
+        for server_id, user_ids in incoming.interest.items():
+            self._interest.replace(live, server_id, user_ids)
         ok = False
 
         async def hold(channel: str) -> None:
@@ -375,6 +402,7 @@ class Handoff:
     async def _abandon(self, live: LiveSession, incoming: _Incoming, held: list[str]) -> None:
         """The owner did not ship in time: release what this copy took, and only that
         (releasing a channel it never held would take another session's interest)."""
+        self._interest.drop_all(live)
         for server_id in incoming.subscriptions:
             self._routes.drop_route(live, server_id)
         user_id = live.session.user_id or ""

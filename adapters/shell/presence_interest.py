@@ -69,6 +69,10 @@ class PresenceInterest:
                 if not watchers:
                     del self._watchers[key]
 
+    def of(self, live: LiveSession) -> dict[ServerId, list[UserId]]:
+        """The session's interest, server -> users (sorted): what a handoff carries."""
+        return {s: sorted(users) for s, users in self._by_session.get(live, {}).items()}
+
     def drop_all(self, live: LiveSession) -> None:
         """The session closed: every interest it held goes."""
         for server_id in list(self._by_session.get(live, ())):

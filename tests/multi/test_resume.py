@@ -112,3 +112,36 @@ async def test_a_drain_under_load_hands_every_session_over(
     got = [(await watcher.recv_json())["op"] for _ in range(n)]
     assert got == ["MSG"] * n  # no presence flap for anyone
     assert a.gateway.snapshot().parked == frozenset()
+
+
+async def test_a_resume_on_the_other_instance_keeps_the_presence_interest(
+    start_cluster: StartCluster, world: World
+) -> None:
+    """PROTOCOL 13 with 14 on a real Redis: alice asked for bob's presence in a large
+    server on A, lost TCP and resumed on B. Without a new SUBSCRIBE_PRESENCE she gets
+    bob's changes on B (the one made while she was parked replayed), never carol's."""
+    a, b = await start_cluster(2, env={"GATEWAY_LARGE_SERVER_MEMBERS": "2"})
+    bob = await b.login(world.u2, "B/bob")
+    carol = await b.login(world.u3, "B/carol")
+    alice = await a.login(world.u1, "A/alice")
+    for client in (bob, carol, alice):
+        await client.subscribe(world.s1)
+    await alice.send_op("SUBSCRIBE_PRESENCE", {"serverId": world.s1, "userIds": [world.u2]})
+    await alice.expect("PRESENCE_SNAPSHOT")
+    sid = alice.session_id
+    alice.ws.transport.abort()  # TCP loss: parked on A, with its interest
+    await eventually(lambda: sid in a.gateway.snapshot().parked, what="parked on A")
+    for client in (bob, carol):  # each sees its own change (14), nobody else's
+        await client.send_op("PRESENCE_UPDATE", {"status": "dnd"})
+        await client.expect("PRESENCE_UPDATE")
+    again = await resume(b, a.mint(world.u1), sid, alice.seq, "B/alice")
+    replay = await until_resumed(again)
+    seen = [(f["d"]["userId"], f["d"]["status"]) for f in replay if f["op"] == "PRESENCE_UPDATE"]
+    assert seen == [(world.u2, "dnd")]
+    assert a.gateway.interest.size() == (0, 0) and b.gateway.interest.size() == (1, 1)
+    for client in (carol, bob):
+        await client.send_op("PRESENCE_UPDATE", {"status": "idle"})
+        await client.expect("PRESENCE_UPDATE")
+    frame = await again.expect("PRESENCE_UPDATE")
+    assert frame["d"] == {"userId": world.u2, "serverId": world.s1, "status": "idle"}
+    await again.assert_no_frame()
