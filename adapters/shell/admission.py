@@ -34,11 +34,18 @@ class Admission:
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Wait for a slot (FIFO), then hold it for the block."""
-        self.waiting += 1
+        limiter = self._limiter
         try:
-            await self._limiter.acquire()
-        finally:
-            self.waiting -= 1
+            # A free slot with nobody waiting is taken without a trip through the event
+            # loop (a handshake makes several of these; the queue stays FIFO: a slot is
+            # never taken past a waiter).
+            limiter.acquire_nowait()
+        except anyio.WouldBlock:
+            self.waiting += 1
+            try:
+                await limiter.acquire()
+            finally:
+                self.waiting -= 1
         self.admitted += 1
         try:
             yield

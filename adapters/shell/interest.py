@@ -37,7 +37,7 @@ class ChannelInterest:
     @contextlib.asynccontextmanager
     async def _serialised(self, state: _Channel) -> AsyncIterator[None]:
         if state.lock is None:
-            state.lock = anyio.Lock()
+            state.lock = anyio.Lock(fast_acquire=True)  # uncontended: no loop trip
         lock = state.lock
         state.users += 1
         try:
