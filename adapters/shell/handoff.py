@@ -85,18 +85,6 @@ async def _at_once(*calls: Callable[[], Coroutine[Any, Any, object]]) -> None:
         raise first from group
 
 
-def _interest(raw: object, subscriptions: list[str]) -> dict[str, list[str]]:
-    """The offer's presence interest, kept to the session's subscriptions and to
-    SUBSCRIBE_PRESENCE's bound of 100 string ids per server (anything else dropped)."""
-    if not isinstance(raw, dict):
-        return {}
-    return {
-        server_id: [u for u in users if isinstance(u, str)][:100]
-        for server_id, users in raw.items()
-        if server_id in subscriptions and isinstance(users, list) and users
-    }
-
-
 def _channels(live: LiveSession) -> set[str]:
     user_id = live.session.user_id
     assert user_id is not None
@@ -120,8 +108,7 @@ class _Incoming:
     accepted: bool = False
     frames: anyio.Event = field(default_factory=anyio.Event)
     subscriptions: list[str] = field(default_factory=list)
-    #: The session's presence interest (PROTOCOL 14), server -> users.
-    interest: dict[str, list[str]] = field(default_factory=dict)
+    interest: object = None  # the offer's presence interest (PROTOCOL 14), unchecked
     shipped: dict[str, Any] = field(default_factory=dict)
     live: LiveSession | None = None
     waiting: set[str] = field(default_factory=set)
@@ -236,10 +223,8 @@ class Handoff:
             return
         self._outgoing[doc["nonce"]] = _Outgoing(live, reply, _channels(live))
         subs = sorted(live.session.subscriptions)
-        # Parked and claimed, S takes no frame: its interest (14) is final here.
-        offer: dict[str, Any] = {"gw": "offer", "nonce": doc["nonce"], "subs": subs}
-        offer["interest"] = self._interest.of(live)
-        self._publish_soon(reply, offer)
+        offer = {"gw": "offer", "nonce": doc["nonce"], "subs": subs}
+        self._publish_soon(reply, {**offer, "interest": self._interest.of(live)})  # S claimed
 
     def _marker_at_owner(self, nonce: str, channel: str) -> None:
         out = self._outgoing[nonce]
@@ -288,7 +273,7 @@ class Handoff:
             incoming.absent.add(str(doc["id"]))
         elif kind == "offer":
             incoming.subscriptions = [str(s) for s in doc["subs"]]
-            incoming.interest = _interest(doc.get("interest"), incoming.subscriptions)
+            incoming.interest = doc.get("interest")
             incoming.accepted = True
             incoming.offer.set()
         elif kind == "refuse":
@@ -357,10 +342,7 @@ class Handoff:
         arrive(live.session, user.id, incoming.subscriptions, self._clock.monotonic())
         live.user, live.servers = user, tuple(servers)
         held: list[str] = []  # the channels this copy holds interest in, to release
-        # The interest before the markers: from the moment B routes a large server's
-        # channel, its PRESENCE_UPDATEs are filtered for S as they were on A.
-        for server_id, user_ids in incoming.interest.items():
-            self._interest.replace(live, server_id, user_ids)
+        self._interest.install(live, incoming.interest, incoming.subscriptions)  # pre-marker
         ok = False
 
         async def hold(channel: str) -> None:

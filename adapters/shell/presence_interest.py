@@ -73,6 +73,17 @@ class PresenceInterest:
         """The session's interest, server -> users (sorted): what a handoff carries."""
         return {s: sorted(users) for s, users in self._by_session.get(live, {}).items()}
 
+    def install(self, live: LiveSession, raw: object, subscriptions: Sequence[ServerId]) -> None:
+        """A handoff's interest (another instance's :meth:`of`), checked: only servers
+        the session is subscribed to, at most 100 string ids each, as SUBSCRIBE_PRESENCE.
+        Installed before the handoff's markers: from the moment the new instance routes
+        a large server's channel, its PRESENCE_UPDATEs are filtered as on the old one."""
+        if not isinstance(raw, dict):
+            return
+        for server_id, users in raw.items():
+            if server_id in subscriptions and isinstance(users, list):
+                self.replace(live, server_id, [u for u in users if isinstance(u, str)][:100])
+
     def drop_all(self, live: LiveSession) -> None:
         """The session closed: every interest it held goes."""
         for server_id in list(self._by_session.get(live, ())):

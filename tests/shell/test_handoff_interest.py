@@ -72,3 +72,24 @@ def test_the_presence_interest_moves_with_a_resume_on_the_other_instance() -> No
         await pair.until(lambda: pair.b.interest.size() == (0, 0))
 
     run_pair(test, LARGE)
+
+
+def test_a_handoffs_interest_is_checked_before_it_is_installed() -> None:
+    """Another instance's offer is internal but still parsed defensively: only servers
+    the session is subscribed to, only string ids, at most 100 per server."""
+    from adapters.shell.live import LiveSession
+    from adapters.shell.presence_interest import PresenceInterest
+    from domain.session import Session
+
+    index = PresenceInterest()
+    live = LiveSession(Session("sid", SessionConfig(), 0.0))
+    garbled: list[object] = [None, [], "s1", 7, {"s1": "u2"}, {"s1": None}, {"s9": ["u2"]}]
+    for garbage in garbled:
+        index.install(live, garbage, ["s1"])
+        assert index.size() == (0, 0), garbage
+    many = [f"u{i}" for i in range(150)]
+    offer = {"s1": [*many, 3, None], "s2": ["u1", {"x": 1}], "s3": ["u1"]}
+    index.install(live, offer, ["s1", "s2"])
+    assert index.of(live) == {"s1": sorted(many[:100]), "s2": ["u1"]}
+    index.drop_all(live)
+    assert index.size() == (0, 0)
