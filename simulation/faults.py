@@ -53,6 +53,10 @@ DIRECTORY = "directory"
 #: A quarter of the instances (the busiest; at least one, never all) crash at once:
 #: their clients reconnect together, an IDENTIFY storm on the survivors (PROTOCOL 15).
 STORM = "storm"
+#: During a storm the survivors' directory answers each user lookup this much later
+#: (the backends are loaded too): the handshakes queue for admission across virtual
+#: time, long enough for their clients' HEARTBEATs to arrive while queued.
+STORM_LOOKUP_S = 1.5
 
 INFRA_FAULTS = (CRASH, BROKER_OUTAGE, DELAY, DIRECTORY, STORM)
 CLIENT_FAULTS = (DROP, SILENT, SLOW)
@@ -91,6 +95,8 @@ class FaultLog:
         self.directory: list[list[float]] = []
         #: [start, end, largest link latency]
         self.delays: list[list[float]] = []
+        #: [start, end] of the storms' slow directory
+        self.storms: list[list[float]] = []
         self.counts: dict[str, int] = {}
         self._latency_until = -1.0
 
@@ -109,6 +115,12 @@ class FaultLog:
 
     def backend_fault_during(self, a: float, b: float) -> bool:
         return self.broker_down_during(a, b) or self.directory_failing_during(a, b)
+
+    def storm_wait(self, identify_at: float) -> float:
+        """How long an IDENTIFY sent at ``identify_at`` may queue for admission: 0, or
+        up to a minute after the storm it met (PROTOCOL 15: READY however long)."""
+        ends = [w[1] for w in self.storms if w[0] - 1.0 <= identify_at <= w[1]]
+        return max(ends, default=identify_at) - identify_at + (60.0 if ends else 0.0)
 
     def delay_started(self, now: float, latency: float) -> None:
         self.delays.append([now, float("inf"), latency])
@@ -211,10 +223,12 @@ class SimBroker(MemoryBroker):
 
 
 class Life:
-    __slots__ = ("dead",)
+    __slots__ = ("dead", "slow")
 
     def __init__(self) -> None:
         self.dead = False
+        #: Seconds a user lookup takes (a storm's loaded directory; 0: at once).
+        self.slow = 0.0
 
     def check(self) -> None:
         if self.dead:
@@ -295,6 +309,9 @@ class InstanceDirectory:
 
     async def get_user(self, user_id: UserId) -> User | None:
         self._life.check()
+        if self._life.slow:
+            await asyncio.sleep(self._life.slow)
+            self._life.check()
         return await self._inner.get_user(user_id)
 
     async def find_user(self, id_or_username: str) -> User | None:

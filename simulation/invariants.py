@@ -73,10 +73,10 @@ INVARIANTS: dict[str, str] = {
     SLOW: "4010 only for a client that stopped reading, and such a client is closed once "
     "its backlog exceeds transport buffer + outbound bound",
     IDENTIFY: "HELLO at once with a session id; IDENTIFY with a valid token is answered "
-    "READY (same session id, right user, servers and status) or closed 4000 "
-    "during a backend fault",
+    "READY (same session id, right user, servers and status) within 1 s, a minute "
+    "after a storm it met (the admission queue), or closed 4000 during a backend fault",
     REPLIES: "each command gets its reply in order: HEARTBEAT_ACK, SUBSCRIBED, UNSUBSCRIBED, "
-    "ERROR FORBIDDEN / NOT_FOUND",
+    "ERROR FORBIDDEN / NOT_FOUND; HEARTBEAT_ACK at once, also while queued for admission",
     CLOSE_CODES: "the server closes only with a justified code (4000 during backend faults)",
     LEAKS: "after all clients left and timers ran out: no connection, route, broker "
     "channel, presence session or typing key remains",
@@ -742,7 +742,7 @@ class Checker:
             elif (
                 conn.state == IDENTIFYING
                 and conn.identify_at is not None
-                and now - conn.identify_at > 1.0
+                and now - conn.identify_at > 1.0 + self.faults.storm_wait(conn.identify_at)
             ):
                 self._conn_violation(conn, IDENTIFY, "IDENTIFY neither answered nor closed")
             expected = conn.expected

@@ -42,6 +42,7 @@ from simulation.faults import (
     DIRECTORY,
     MAX_DELAY,
     STORM,
+    STORM_LOOKUP_S,
     FaultLog,
     InstanceDirectory,
     InstancePresence,
@@ -342,6 +343,12 @@ class World:
             for victim in victims:
                 self.crash(victim)
                 self.loop.call_at(end, self._restart, victim)
+            # The survivors' directory is loaded too: their handshakes queue (15).
+            window = [now, end]
+            self.faults.storms.append(window)
+            for instance in serving[len(victims) :]:
+                instance.life.slow = STORM_LOOKUP_S
+            self.loop.call_at(end, self._storm_over)
         elif fault.kind == BROKER_OUTAGE:
             self.faults.count(BROKER_OUTAGE)
             self.trace.event("FAULT", f"broker-outage for {fault.duration:.3f} s")
@@ -377,6 +384,10 @@ class World:
         self.network.down = False
         window[1] = self.now()
         self.trace.event("FAULT", "broker back")
+
+    def _storm_over(self) -> None:
+        for instance in self.instances:
+            instance.life.slow = 0.0
 
     def _delay_over(self) -> None:
         for instance in self.instances:

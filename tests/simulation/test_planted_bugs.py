@@ -17,7 +17,8 @@ from adapters.shell.routing import Routes
 from domain.codec import DispatchTemplate
 from domain.model import PresenceChange, ServerId
 from simulation.cli import main
-from simulation.invariants import EXACTLY_ONCE, LEAKS, PRESENCE, RECIPIENTS, TYPING
+from simulation.faults import STORM, PlannedFault
+from simulation.invariants import EXACTLY_ONCE, LEAKS, PRESENCE, RECIPIENTS, REPLIES, TYPING
 from simulation.world import SimConfig, run_simulation
 
 SEED = 11
@@ -123,3 +124,31 @@ def test_cli_exits_1_with_seed_invariant_and_trace(
     command = f"gateway simulate --instances 3 --clients 60 --minutes 3 --seed {SEED}"
     assert f"reproduce: {command}" in out
     assert "trace (time in µs" in out
+
+
+def test_heartbeats_held_while_queued_for_admission_are_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PROTOCOL 15, our reading: a HEARTBEAT sent while the IDENTIFY waits for admission
+    is ACKed at once. Planted: the connection no longer recognises a HEARTBEAT while a
+    handshake runs, so it is held with the other frames until READY. In a storm the
+    survivors' user lookups are slow (simulation.faults.STORM_LOOKUP_S), handshakes
+    queue across virtual time, and the held ACKs show as late replies."""
+    import adapters.shell.connection as connection
+
+    # 2 instances, one crashes: its 200 clients queue on the other (16 at a time).
+    storm = SimConfig(
+        seed=21,
+        instances=2,
+        clients=400,
+        minutes=1.5,
+        faults=frozenset({STORM}),
+        fault_plan=(PlannedFault(30.0, STORM, 20.0),),
+        stop_on_violation=False,
+    )
+    assert run_simulation(storm).ok  # without the bug
+    monkeypatch.setattr(connection, "decode_command", lambda raw: None)
+    report = run_simulation(storm)
+    assert report.violations, "held HEARTBEAT_ACKs went unnoticed"
+    assert {v.invariant for v in report.violations} == {REPLIES}
+    assert "HEARTBEAT_ACK" in report.violations[0].message
