@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import defaultdict
+from collections.abc import Sequence
 
 import anyio
 import anyio.lowlevel
@@ -43,6 +44,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
 from adapters.redis._common import create_client, unavailable_as
+from adapters.redis.batching import TickBatcher
 from adapters.redis.subscriber import (
     RESYNC,
     SESSION_ERRORS,
@@ -124,6 +126,9 @@ class RedisBroker:
         self._session: SubscriberSession | None = None
         self._healthy = False
         self._publish_blocked_until = 0.0
+        #: PUBLISHes of one loop tick go as one pipeline (a storm's presence changes,
+        #: the handoff's asks and markers).
+        self._publishes: TickBatcher[tuple[str, bytes], None] = TickBatcher(self._publish_batch)
         self._subscribing: defaultdict[str, int] = defaultdict(int)
         self._running = False
         self._run_scope: anyio.CancelScope | None = None
@@ -143,14 +148,32 @@ class RedisBroker:
             self.stats.publish_failures += 1
             raise BackendUnavailable("broker unavailable (reconnecting)")
         try:
-            with unavailable_as(f"PUBLISH {channel}", self._publish_timeout):
-                await self._client.publish(channel, payload)
+            await self._publishes.submit((channel, payload))
         except BackendUnavailable:
             self.stats.publish_failures += 1
             if not self._healthy:
                 self._publish_blocked_until = anyio.current_time() + self._publish_timeout
             raise
         self.stats.publishes += 1
+
+    async def _publish_batch(
+        self, batch: Sequence[tuple[str, bytes]]
+    ) -> list[BaseException | None]:
+        """One round trip for the tick's PUBLISHes (a lone one as a plain command)."""
+        self.stats.publish_round_trips += 1
+        what = f"PUBLISH {batch[0][0]}" if len(batch) == 1 else f"{len(batch)} PUBLISHes"
+        try:
+            with unavailable_as(what, self._publish_timeout):
+                if len(batch) == 1:
+                    await self._client.publish(*batch[0])
+                    return [None]
+                pipe = self._client.pipeline(transaction=False)
+                for channel, payload in batch:
+                    pipe.publish(channel, payload)
+                replies = await pipe.execute(raise_on_error=False)
+        except BackendUnavailable as exc:
+            return [BackendUnavailable(str(exc)) for _ in batch]
+        return [r if isinstance(r, BaseException) else None for r in replies]
 
     async def subscribe(self, channel: str) -> None:
         self._check_open()
