@@ -26,6 +26,7 @@ from adapters.shell.drain import Drain
 from adapters.shell.fanout import FanOut
 from adapters.shell.handlers import Handlers
 from adapters.shell.handoff import Handoff
+from adapters.shell.lag import NOISE_S, LoopLag
 from adapters.shell.live import LiveSession
 from adapters.shell.metrics import Metrics
 from adapters.shell.permissions import PermissionCache
@@ -76,6 +77,7 @@ class Gateway:
         self.clock = clock
         self.settings = s = settings or GatewaySettings()
         self.metrics = metrics or Metrics()
+        self.loop_lag = LoopLag(window=s.session.heartbeat_timeout)
         self.instance_id = instance_id or uuid.uuid4().hex
         self._new_session_id = new_session_id or (lambda: str(uuid.uuid4()))
         close_timeout, timeout = seconds(s.close_timeout_ms), seconds(s.backend_timeout_ms)
@@ -229,13 +231,23 @@ class Gateway:
             self._drained.set()
 
     async def _sweep_loop(self) -> None:
+        interval = seconds(self.settings.heartbeat_sweep_ms)
         while True:
-            await anyio.sleep(seconds(self.settings.heartbeat_sweep_ms))
+            due = self.clock.monotonic() + interval
+            await anyio.sleep(interval)
+            now = self.clock.monotonic()
+            self.loop_lag.observe(now, now - due)
+            if now - due > NOISE_S:
+                self.metrics.loop_stall.inc(now - due)
+            if now - due > 1.0:
+                log.warning("event loop stalled %.2f s: heartbeat deadlines wait", now - due)
             await self.sweep()
 
     async def sweep(self) -> None:
-        """Close every connection whose heartbeat (or identify) deadline passed."""
-        now = self.clock.monotonic()
+        """Close every connection whose heartbeat (or identify) deadline passed. Time
+        the loop was stalled (``loop_lag``) is not counted against clients."""
+        clock_now = self.clock.monotonic()
+        now = clock_now - self.loop_lag.recent(clock_now)
         for conn in list(self.admission.connections):
             # A handshake still queued for admission is not timed out (PROTOCOL 15): the
             # HEARTBEATs it sent meanwhile are held, and count once it is done.

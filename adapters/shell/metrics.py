@@ -90,6 +90,12 @@ class Metrics:
         self.broker_outages = Gauge(
             "gateway_broker_outages", "Broker outages seen since start", registry=r
         )
+        self.loop_stall = Counter(
+            "gateway_loop_stall_seconds",
+            "Seconds the heartbeat sweep's timer fired late (the instance too busy to"
+            " read its sockets; not counted against clients' heartbeats)",
+            registry=r,
+        )
         self.broker_up = Gauge("gateway_broker_up", "1 while the broker answers", registry=r)
         self.directory_seconds = Histogram(
             "gateway_directory_seconds", "Directory lookups made for clients", registry=r
