@@ -123,6 +123,10 @@ class FakeTransport:
     def stall(self) -> None:
         self._reading = anyio.Event()
 
+    def resume(self) -> None:
+        """Read again after :meth:`stall` (a blocked send goes on)."""
+        self._reading.set()
+
 
 class World:
     """One gateway on memory backends, and its clients."""
