@@ -65,6 +65,10 @@ class Flusher:
     def running(self) -> bool:
         return self._group is not None
 
+    def waiting(self) -> list[Flushable]:
+        """The connections on the ready list now (checks and tests)."""
+        return list(self._ready)
+
     def ready(self, conn: Flushable) -> None:
         """``conn`` has frames to write or a close to start (the caller asks once)."""
         self._ready.append(conn)
@@ -183,6 +187,7 @@ class Outbound:
         self._end_reader()
 
     def _end_reader(self) -> None:
+        self.ended = True  # nothing more is written from now on
         if self._reader is not None:
             self._reader.cancel()
 
@@ -237,6 +242,11 @@ class Outbound:
     def close_side(self) -> str:
         """Who started the close: ``server`` once the gateway decided, else ``client``."""
         return "server" if self._close is not None else "client"
+
+    @property
+    def scheduled(self) -> bool:
+        """Put on the flusher's ready list and not flushed since."""
+        return self._ready
 
     @property
     def sending(self) -> bool:
