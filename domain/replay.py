@@ -36,7 +36,15 @@ def _cost(s: int, template: DispatchTemplate) -> int:
 
 
 class ReplayBuffer:
-    __slots__ = ("_bytes", "_frames", "buffer_frames", "max_bytes", "max_frames", "parked_from")
+    __slots__ = (
+        "_bytes",
+        "_frames",
+        "_limit",
+        "buffer_frames",
+        "max_bytes",
+        "max_frames",
+        "parked_from",
+    )
 
     def __init__(self, buffer_frames: int, max_frames: int, max_bytes: int) -> None:
         self.buffer_frames = buffer_frames
@@ -46,6 +54,8 @@ class ReplayBuffer:
         self._bytes = 0
         #: The first ``s`` stamped while parked (None while attached).
         self.parked_from: int | None = None
+        #: Frames kept at most now (attached: the last ``buffer_frames``; parked: all).
+        self._limit = min(buffer_frames, max_frames)
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -58,20 +68,21 @@ class ReplayBuffer:
     def oldest(self) -> int | None:
         return self._frames[0][0] if self._frames else None
 
-    def record(self, s: int, template: DispatchTemplate) -> bool:
-        """Keep one stamped dispatch; False when a parked session kept too much."""
-        if self.buffer_frames <= 0 and self.parked_from is None:
-            return True
-        self._frames.append((s, template))
-        self._bytes += _cost(s, template)
+    def record(self, s: int, template: DispatchTemplate, cost: int = 0) -> bool:
+        """Keep one stamped dispatch; False when a parked session kept too much.
+        ``cost``: the stamped frame's length when the caller has it (else computed)."""
+        if self._limit <= 0:
+            return True  # attached with no buffer: nothing is kept
+        frames = self._frames
+        frames.append((s, template))
+        self._bytes += cost or _cost(s, template)
+        if len(frames) <= self._limit and self._bytes <= self.max_bytes:
+            return True  # within the bounds: nothing to trim (every delivery comes here)
         return self._trim()
 
     def _trim(self) -> bool:
         frames = self._frames
-        if self.parked_from is None:
-            limit_frames = min(self.buffer_frames, self.max_frames)
-        else:
-            limit_frames = self.max_frames
+        limit_frames = self._limit
         while frames and (len(frames) > limit_frames or self._bytes > self.max_bytes):
             s, template = frames[0]
             if self.parked_from is not None and s >= self.parked_from:
@@ -83,10 +94,12 @@ class ReplayBuffer:
     def park(self, next_s: int) -> None:
         if self.parked_from is None:  # from the close decision on, all is kept
             self.parked_from = next_s
+            self._limit = self.max_frames
 
     def attach(self) -> None:
         """Attached again: back to keeping the last ``buffer_frames``."""
         self.parked_from = None
+        self._limit = min(self.buffer_frames, self.max_frames)
         self._trim()
 
     def items(self) -> list[tuple[int, DispatchTemplate]]:
@@ -101,6 +114,7 @@ class ReplayBuffer:
         self._frames = deque(frames)
         self._bytes = sum(_cost(s, t) for s, t in frames)
         self.parked_from = parked_from if parked_from is not None else offset + 1
+        self._limit = self.max_frames
 
     def covers(self, seq: int, last: int) -> bool:
         """A resume from ``seq`` (the last ``s`` the client saw) can be replayed."""

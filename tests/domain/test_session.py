@@ -569,3 +569,19 @@ def test_sliding_window() -> None:
     assert not w.admit(1.5)
     assert not w.admit(1.999)
     assert w.admit(2.0)
+
+
+def test_the_window_keeps_only_the_stamps_that_can_still_decide() -> None:
+    """A busy minute then quiet: the next event finds the old stamps gone (an idle
+    session holds one or two, not ``count``), and the limit decides as before."""
+    w = SlidingWindow(120, 60.0)
+    for i in range(100):
+        assert w.admit(i * 0.1)
+    assert len(w.stamps) == 100
+    assert w.admit(200.0)
+    assert w.stamps == (200.0,)
+    for i in range(119):
+        assert w.admit(200.0 + i * 0.01)
+    assert not w.admit(201.5)  # 120 within the window: refused
+    w.merge((150.0, 199.0))  # a resumed session's window joins: the last 120 stay
+    assert len(w.stamps) == 120 and w.stamps[0] == 200.0
