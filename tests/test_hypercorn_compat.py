@@ -19,6 +19,7 @@ from starlette.websockets import WebSocket
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection as WsProtoConnection
 from wsproto.events import CloseConnection as WsCloseConnection
 from wsproto.events import Request as WsRequest
 from wsproto.events import TextMessage as WsTextMessage
@@ -155,3 +156,17 @@ async def test_the_write_that_cannot_wait_refuses_once_the_peer_stops_reading() 
     (done,) = written
     assert 0 < done < len(texts)
     assert got == texts
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_the_batch_is_framed_byte_for_byte_as_wsproto_frames_it(size: int) -> None:
+    """The batch's own framing (no wsproto per frame) against wsproto's, at every
+    length encoding's edges and with multi-byte text."""
+
+    class Stream:
+        connection = WsProtoConnection(ConnectionType.SERVER)
+
+    texts = ["a" * size, "é" * (size // 2), "x", "€" * (size // 3)]
+    server = WsProtoConnection(ConnectionType.SERVER)
+    expected = b"".join(server.send(WsTextMessage(data=t)) for t in texts)
+    assert hypercorn_compat._frames(Stream(), texts) == expected
