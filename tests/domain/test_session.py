@@ -3,7 +3,9 @@ precedence rule of PROTOCOL 7a, timers, rate limit and dispatch sequence numbers
 
 from __future__ import annotations
 
+import gc
 import json
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -585,3 +587,25 @@ def test_the_window_keeps_only_the_stamps_that_can_still_decide() -> None:
     assert not w.admit(201.5)  # 120 within the window: refused
     w.merge((150.0, 199.0))  # a resumed session's window joins: the last 120 stay
     assert len(w.stamps) == 120 and w.stamps[0] == 200.0
+
+
+def test_a_kept_dispatch_costs_one_slot_not_an_object() -> None:
+    """The replay buffer of a busy session keeps ``resume_buffer_frames`` dispatches
+    of templates shared by every session: per frame only a deque slot (8 bytes), no
+    ``(s, template)`` tuple nor ``s`` int (92 bytes a frame before). tracemalloc
+    counts bytes, not time."""
+
+    config = SessionConfig(resume_ttl=30.0)
+    templates = [dispatch_template("E", {"i": i}) for i in range(config.resume_buffer_frames)]
+    session = Session("sid", config, 0.0)
+    gc.collect()
+    tracemalloc.start()
+    before, _ = tracemalloc.get_traced_memory()
+    for template in templates:
+        session.stamp(template)
+    gc.collect()
+    after, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(session.replay) == config.resume_buffer_frames
+    assert (after - before) / config.resume_buffer_frames < 16
+    assert [s for s, _ in session.replay.items()] == list(range(1, len(templates) + 1))
