@@ -108,7 +108,7 @@ class Flusher:
             for conn in ready:
                 try:
                     conn.flush()
-                except Exception:  # a bug in one connection must not stop the others
+                except Exception:  # backstop: a bug in one must not stop the others
                     log.exception("flush failed")
             # Let the loop run the readers and the broker before the next round.
             await anyio.lowlevel.checkpoint()
@@ -283,6 +283,9 @@ class Outbound:
                 hot.bytes_out += size
         except (TransportClosed, OSError):
             self._end_reader()  # the peer is gone: nothing more to send or close
+            return
+        except Exception as exc:  # a bug: it ends this connection (its reader raises it)
+            self._fail(exc)
             return
         if outbound or self._close is not None:
             self._sender_scope = anyio.CancelScope()
