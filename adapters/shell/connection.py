@@ -229,6 +229,8 @@ class Connection(Outbound):
         task at rest (the flusher writes, see :mod:`adapters.shell.outbound`)."""
         try:
             with anyio.CancelScope() as self._reader:
+                if self.ended:  # gone (or failed) before the reader started
+                    self._reader.cancel()
                 try:
                     await self._read()
                 except TransportClosed as closed:
