@@ -68,6 +68,9 @@ class Transport:
         for text in texts:
             await self.send(text)
 
+    def try_send_many(self, texts: Sequence[str]) -> bool:
+        return False  # always through send_many (which never blocks here)
+
     async def close(self, code: int, reason: str = "") -> None:
         self.inbox.put_nowait(None)
 

@@ -172,6 +172,11 @@ class Transport(Protocol):
         """Send these frames in order, as one write where the transport can."""
         ...
 
+    def try_send_many(self, texts: Sequence[str]) -> bool:
+        """Send these frames now, without waiting, if that cannot block; else write
+        nothing and return False (the caller then awaits :meth:`send_many`)."""
+        ...
+
     async def close(self, code: int, reason: str = "") -> None:
         """Send the close frame (the peer's answer arrives through ``receive``)."""
         ...

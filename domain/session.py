@@ -387,8 +387,9 @@ class Session:
     def stamp(self, template: DispatchTemplate) -> str:
         """The next dispatch frame of this connection: ``s`` is gapless from 1."""
         self.seq += 1
-        self.replay.record(self.seq, template)  # attached: never over a bound
-        return template.frame(self.seq)
+        frame = template.frame(self.seq)
+        self.replay.record(self.seq, template, len(frame))  # attached: never over a bound
+        return frame
 
     def dispatch(self, op: str, d: object) -> str:
         """A dispatch of the session itself (READY, SUBSCRIBED...), stamped."""

@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from adapters.shell import Gateway
-from adapters.websocket import StarletteTransport
+from adapters.websocket import AsgiTransport
 from entrypoints.bootstrap import build_gateway
 from entrypoints.config import Config
 from entrypoints.http_api import publish_route
@@ -36,8 +36,7 @@ class GatewayApp(Starlette):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and _route_path(scope) == WS_PATH:
-            scope["app"] = self
-            await websocket_endpoint(WebSocket(scope, receive, send))
+            await _serve_gateway(_gateway(self), scope, receive, send)
             return
         await super().__call__(scope, receive, send)
 
@@ -48,16 +47,26 @@ def _route_path(scope: Scope) -> str:
     return path[len(root) :] if root and path.startswith(root) else path
 
 
-def _gateway(scope_app: Starlette) -> Gateway:
-    gateway: Gateway = scope_app.state.gateway
+def _gateway(app: Starlette) -> Gateway:
+    gateway: Gateway = app.state.gateway
     return gateway
 
 
-async def websocket_endpoint(websocket: WebSocket) -> None:
-    gateway = _gateway(websocket.app)
+async def _serve_gateway(gateway: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
+    """The gateway's WebSocket on raw ASGI: no Starlette ``WebSocket`` per connection."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return  # gone before the handshake
     # Accept with no extensions (see entrypoints.hypercorn_compat) and no subprotocol.
-    await websocket.accept()
-    await gateway.serve(StarletteTransport(websocket, gateway.settings.max_payload_bytes))
+    await send({"type": "websocket.accept"})
+    await gateway.serve(AsgiTransport(scope, receive, send, gateway.settings.max_payload_bytes))
+
+
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    """The route's endpoint (GatewayApp serves the path before routing; kept so that
+    the route table lists it)."""
+    gateway = _gateway(websocket.app)
+    await _serve_gateway(gateway, websocket.scope, websocket.receive, websocket.send)
 
 
 async def healthz(request: Request) -> Response:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from adapters.memory import MemoryPresenceStore
-from adapters.shell import GatewaySettings
+from adapters.shell import Gateway, GatewaySettings
 from domain.model import PresenceChange, SessionId, Status, UserId
 from simulation.faults import FaultLog
 from simulation.model import (
@@ -52,6 +52,7 @@ REPLIES = "replies"
 CLOSE_CODES = "close-codes"
 LEAKS = "no-leaks"
 NO_CRASH = "no-crash"
+OUTBOUND = "lean-outbound"
 
 INVARIANTS: dict[str, str] = {
     SEQ: "dispatches of a connection carry s = 1, 2, 3, ... (READY first); control frames none",
@@ -81,6 +82,9 @@ INVARIANTS: dict[str, str] = {
     LEAKS: "after all clients left and timers ran out: no connection, route, broker "
     "channel, presence session or typing key remains",
     NO_CRASH: "no gateway task raises",
+    OUTBOUND: "a connection's queued frames are on the flusher's ready list or owned by a "
+    "sender task (none is forgotten); a connection with nothing queued, no close under "
+    "way and a client that reads holds no sender task (none at rest)",
 }
 
 _CONTROL = frozenset({"HELLO", "HEARTBEAT_ACK", "ERROR", "RECONNECT"})
@@ -725,6 +729,33 @@ class Checker:
         conn.expected.append((rec, must))
 
     # --- periodic checks --------------------------------------------------------------
+
+    def outlets(self, instance_id: str, gateway: Gateway, conns: dict[object, Conn]) -> None:
+        """The outbound side of every connection of one live instance (``conns``:
+        transport -> the client's connection)."""
+        waiting = {id(c) for c in gateway.flusher.waiting()}
+        for outlet in list(gateway.admission.connections):
+            if outlet.ended:
+                continue
+            self.checks[OUTBOUND] += 1
+            queued = len(outlet.outbound)
+            problem = None
+            if queued and not outlet.sending and id(outlet) not in waiting:
+                problem = f"{queued} frames queued with nobody to write them"
+            elif (
+                outlet.sending
+                and not queued
+                and not outlet.closing
+                and getattr(outlet.transport, "reading", False)
+            ):
+                problem = "holds a sender task at rest"
+            if problem is None:
+                continue
+            client = conns.get(outlet.transport)
+            if client is not None:
+                self._conn_violation(client, OUTBOUND, problem)
+            else:
+                self.violation(OUTBOUND, f"{instance_id} {outlet.live.session_id}: {problem}")
 
     def periodic(self, *, presence: bool = True) -> None:
         now = self.now()

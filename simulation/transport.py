@@ -100,6 +100,23 @@ class MemoryTransport:
         for text in texts:  # frame by frame: a non-reader blocks mid-batch, as TCP does
             await self.send(text)
 
+    def try_send_many(self, texts: Sequence[str]) -> bool:
+        """All at once when the client reads, or when its unread buffer has room for
+        the whole batch; else nothing (``send_many`` then blocks, as TCP does)."""
+        if self._client_gone or self._server_closed:
+            raise TransportClosed(self._gone_code)
+        if self.reading:
+            on_frame = self._peer.on_frame
+            for text in texts:
+                if self._client_gone or self._server_closed:  # went away mid-batch
+                    raise TransportClosed(self._gone_code)
+                on_frame(text)
+            return True
+        if len(self.unread) + len(texts) <= self.capacity:
+            self.unread.extend(texts)
+            return True
+        return False
+
     async def close(self, code: int, reason: str = "") -> None:
         if self._client_gone or self._server_closed:
             return

@@ -448,7 +448,14 @@ class World:
         while True:
             await anyio.sleep(self.config.check_interval)
             tick += 1
+            self._check_outlets()
             self.checker.periodic(presence=tick % 2 == 0)
+
+    def _check_outlets(self) -> None:
+        for instance in self.instances:
+            if instance.alive:
+                by_transport: dict[object, Conn] = {c.transport: c for c in instance.conns}
+                self.checker.outlets(instance.id, instance.gateway, by_transport)
 
     # --- the run ----------------------------------------------------------------------
 
@@ -481,6 +488,7 @@ class World:
 
     def final_checks(self) -> None:
         checker = self.checker
+        self._check_outlets()
         checker.periodic()
         checker.presence_pass(self.now(), everyone=True)
         problems: list[str] = []

@@ -1,7 +1,8 @@
 """One client connection: the socket side of a session.
 
-A connection owns the transport, a bounded outbound queue and the sender task that
-drains it, and runs the one effect interpreter (:meth:`Connection.perform`): frames
+A connection owns the transport and a bounded outbound queue (written by the
+instance's flusher, :mod:`adapters.shell.outbound`: no task of its own at rest beyond
+the reader), and runs the one effect interpreter (:meth:`Connection.perform`): frames
 read from the socket go to the session, and the effects that come back run in one
 flat loop, in the shape of hypercorn's ``WSStream._handle_events``. Effects that need
 the world are handed to the :class:`SessionHost`, which does the I/O and *returns*
@@ -21,22 +22,20 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import anyio
-import anyio.abc
 
 from adapters.shell.live import Adopt, LiveSession, Work
 from adapters.shell.metrics import Metrics
+from adapters.shell.outbound import Flusher, Outbound, SocketLimits
+
+__all__ = ["Connection", "SessionHost", "SocketLimits"]
 from domain.codec import CloseCode, Heartbeat, decode_command
 from domain.effects import Authenticate, Close, Reattach, Reclaim, Send
 from domain.ports import Clock, MessageTooBig, Transport, TransportClosed
 from domain.session import Session, State
-
-#: At most this many frames in one write to the transport.
-MAX_BATCH_FRAMES = 256
 
 
 class SessionHost(Protocol):
@@ -56,35 +55,16 @@ class SessionHost(Protocol):
 OFF_READER: tuple[type, ...] = (Authenticate, Reclaim)
 
 
-@dataclass(frozen=True, slots=True)
-class SocketLimits:
-    outbound_max_frames: int
-    outbound_max_bytes: int
-    #: Seconds a close handshake may take before the socket is abandoned.
-    close_timeout: float
-
-
-class Connection:
+class Connection(Outbound):
     __slots__ = (
+        "_asides",
+        "_asides_done",
         "_clock",
-        "_close",
-        "_close_deadline",
-        "_event_class",
-        "_group",
         "_held",
         "_host",
-        "_limits",
-        "_metrics",
         "_resume",
-        "_send_scope",
-        "_wake",
-        "close_code",
-        "closing",
         "live",
         "opened_at",
-        "outbound",
-        "queued_bytes",
-        "transport",
     )
 
     def __init__(
@@ -96,30 +76,20 @@ class Connection:
         limits: SocketLimits,
         metrics: Metrics,
         clock: Clock,
+        flusher: Flusher,
     ) -> None:
-        self.transport = transport
+        super().__init__(transport, limits, metrics, flusher)
         self.live = live
         self._host = host
-        self._limits = limits
-        self._metrics = metrics
         self._clock = clock
         self.opened_at = live.session.connected_at
-        self.outbound: deque[str] = deque()
-        self.queued_bytes = 0
-        self.close_code: int | None = None
-        self._close: Close | None = None
-        #: anyio time by which the transport must be gone once ``_close`` is set.
-        self._close_deadline = 0.0
-        #: Set once the gateway decided to close (read on every delivery: a plain slot).
-        self.closing = False
-        # The running backend's Event class, found once (the sender makes one per wake).
-        self._wake = anyio.Event()
-        self._event_class = type(self._wake)
-        self._send_scope: anyio.CancelScope | None = None
-        self._group: anyio.abc.TaskGroup | None = None
+        #: Tasks beside the reader (a handshake, an identify timer): their scopes.
+        self._asides: list[anyio.CancelScope] | None = None
+        self._asides_done: anyio.Event | None = None
+        self._failure: BaseException | None = None
         #: While a handshake runs beside the reader: the frames read meanwhile.
         self._held: deque[str | bytes] | None = None
-        self._resume = anyio.Event()
+        self._resume: anyio.Event | None = None
         live.attach(self)
 
     # --- the interpreter ----------------------------------------------------------
@@ -137,13 +107,13 @@ class Connection:
                 self._closed_by_session(effect)
             elif isinstance(effect, Adopt):
                 pending.extendleft(reversed(self._adopt(effect)))
-            elif isinstance(effect, OFF_READER) and self._group is not None and self._held is None:
+            elif isinstance(effect, OFF_READER) and self._reader is not None and self._held is None:
                 # A handshake may queue long for admission (PROTOCOL 15): it runs in its
                 # own task and the reader goes on reading (a client that leaves cancels
                 # it). Frames read meanwhile wait in ``_held`` and run after it, in order;
                 # a handshake one of them starts (after INVALID_SESSION) runs inline there.
                 self._held = deque()
-                self._group.start_soon(self._perform_handled, effect)
+                self._aside(self._perform_handled, effect)
             else:
                 live = self.live
                 answer = await self._host.handle(live, effect)
@@ -168,7 +138,7 @@ class Connection:
             self.outbound.append(effect.text)
             self.queued_bytes += len(effect.text)
         self._metrics.replayed_frames.inc(len(replay))
-        self._wake.set()
+        self._schedule()
         return list(answer[len(replay) :])
 
     async def _forward(self, live: LiveSession, answer: Sequence[Work]) -> None:
@@ -193,7 +163,7 @@ class Connection:
             self._decided(Close(code, reason))
             self.outbound.clear()
             self.queued_bytes = 0
-        self._wake.set()
+        self._schedule()
 
     @property
     def handshaking(self) -> bool:
@@ -213,11 +183,13 @@ class Connection:
                 await self._handle_frame(held.popleft())
         finally:
             self._held = None
-            self._resume.set()
+            resume, self._resume = self._resume, None
+            if resume is not None:
+                resume.set()
         session = self.live.session
-        if session.state is State.AWAITING_IDENTIFY and self._group is not None:
+        if session.state is State.AWAITING_IDENTIFY and self._reader is not None:
             # INVALID_SESSION (13): IDENTIFY is due in time again; the reader has no deadline.
-            self._group.start_soon(self._identify_timer, session)
+            self._aside(self._identify_timer, session)
 
     async def _identify_timer(self, session: Session) -> None:
         clock = self._clock
@@ -225,128 +197,59 @@ class Connection:
             await anyio.sleep(max(0.0, session.identify_deadline - clock.monotonic()))
             await self.perform(session.check_timers(clock.monotonic()))
 
-    # --- outbound -----------------------------------------------------------------
+    def _aside(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Run ``fn`` beside the reader (in the flusher's group), ended with the connection."""
+        scope = anyio.CancelScope()
+        if self._asides is None:
+            self._asides = []
+        self._asides.append(scope)
+        self._flusher.spawn(self._run_aside, scope, fn, args)
 
-    def enqueue(self, text: str) -> None:
-        if self._close is not None:
-            return
-        self.outbound.append(text)
-        self.queued_bytes += len(text)
-        limits = self._limits
-        if (
-            len(self.outbound) > limits.outbound_max_frames
-            or self.queued_bytes > limits.outbound_max_bytes
-        ):
-            self._metrics.slow_consumers.inc()
-            self.abort(CloseCode.SLOW_CONSUMER, "slow consumer")
-            return
-        self._wake.set()
-
-    def request_close(self, code: int, reason: str) -> None:
-        """Close after the frames already queued have been sent."""
-        if self._close is None:
-            self.live.session.close(code, reason)
-            self._decided(Close(code, reason))
-            self._wake.set()
-
-    def abort(self, code: int, reason: str) -> None:
-        """Close now, dropping whatever is queued (slow consumer)."""
-        if self._close is None:
-            self.live.session.close(code, reason)
-            self._decided(Close(code, reason))
-        self.outbound.clear()
-        self.queued_bytes = 0
-        if self._send_scope is not None:
-            self._send_scope.cancel()
-        self._wake.set()
-
-    def _closed_by_session(self, close: Close) -> None:
-        # The session already moved to CLOSED; remember why and wake the sender.
-        if self._close is None:
-            self._decided(close)
-            if close.code == CloseCode.RATE_LIMITED:
-                self._metrics.rate_limited.inc()
-            self._wake.set()
-
-    @property
-    def close_side(self) -> str:
-        """Who started the close: ``server`` once the gateway decided, else ``client``."""
-        return "server" if self._close is not None else "client"
-
-    def _decided(self, close: Close) -> None:
-        """The gateway decided to close: start the close deadline."""
-        self._close = close
-        self.closing = True
-        self.close_code = close.code
-        self._close_deadline = anyio.current_time() + self._limits.close_timeout
-        if self._send_scope is not None:
-            self._send_scope.deadline = self._close_deadline
-
-    async def _sender(self) -> None:
-        with anyio.CancelScope() as self._send_scope:
-            if self._close is not None:
-                self._send_scope.deadline = self._close_deadline
-            try:
-                await self._pump()
-            except (TransportClosed, OSError):
-                # The peer is gone: nothing more to send or close.
-                if self._group is not None:
-                    self._group.cancel_scope.cancel()
-                return
-        close = self._close
-        if close is not None:
-            with anyio.CancelScope(deadline=self._close_deadline):
-                with contextlib.suppress(TransportClosed, OSError, RuntimeError):
-                    await self.transport.close(close.code, close.reason)
-                # The reader ends the connection when the peer answers the close.
-                await anyio.sleep_forever()
-            # The deadline passed: the peer did not answer, or could not be written to.
-            self.transport.abort()
-        if self._group is not None:
-            self._group.cancel_scope.cancel()
-
-    async def _pump(self) -> None:
-        outbound = self.outbound
-        hot = self._metrics.hot
-        send_many = self.transport.send_many
-        new_event = self._event_class
-        while True:
-            while outbound:
-                # Everything queued goes out in one write (bounded, so that a batch in
-                # flight never holds more than MAX_BATCH_FRAMES beside the queue).
-                if len(outbound) <= MAX_BATCH_FRAMES:
-                    batch = list(outbound)
-                    outbound.clear()
-                else:
-                    batch = [outbound.popleft() for _ in range(MAX_BATCH_FRAMES)]
-                size = sum(map(len, batch))
-                self.queued_bytes -= size
-                await send_many(batch)
-                hot.frames_out += len(batch)
-                hot.bytes_out += size
-            if self._close is not None:
-                return
-            self._wake = new_event()
-            await self._wake.wait()
+    async def _run_aside(
+        self, scope: anyio.CancelScope, fn: Callable[..., Awaitable[None]], args: tuple[object, ...]
+    ) -> None:
+        try:
+            with scope:
+                await fn(*args)
+        except Exception as exc:  # ends the connection; its reader raises it (run)
+            self._fail(exc)
+        finally:
+            asides = self._asides
+            if asides is not None:
+                asides.remove(scope)
+                if not asides:
+                    self._asides = None
+                    if self._asides_done is not None:
+                        self._asides_done.set()
 
     # --- inbound -------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve the connection until either side closes it."""
+        """Serve the connection until either side closes it: the reader is its one
+        task at rest (the flusher writes, see :mod:`adapters.shell.outbound`)."""
         try:
-            async with anyio.create_task_group() as group:
-                self._group = group
-                group.start_soon(self._sender)
+            with anyio.CancelScope() as self._reader:
+                if self.ended:  # gone (or failed) before the reader started
+                    self._reader.cancel()
                 try:
                     await self._read()
                 except TransportClosed as closed:
                     if self._close is None:  # the client's close: record its code
                         self.close_code = 1006 if closed.code is None else closed.code
-                    group.cancel_scope.cancel()
         finally:
-            self._group = None
+            self._reader = None
+            self.ended = True
+            if self._sender_scope is not None:
+                self._sender_scope.cancel()
             with anyio.CancelScope(shield=True):
+                for scope in self._asides or ():
+                    scope.cancel()
+                while self._asides:
+                    done = self._asides_done = anyio.Event()
+                    await done.wait()
                 await self._host.closed(self)
+        if self._failure is not None:
+            raise self._failure
 
     async def _read(self) -> None:
         clock = self._clock
@@ -370,12 +273,11 @@ class Connection:
                 await self._handle_frame(raw)  # PROTOCOL 15: ACKed at once while queued
                 continue
             held.append(raw)
-            if len(held) > session.config.rate_limit_count:
+            if len(held) > session.config.rate_limit_count and self._held is not None:
                 # Over the rate limit anyway: stop reading until the handshake is done
                 # (the held frames then close the connection 4008, in order).
-                self._resume = self._event_class()
-                if self._held is not None:
-                    await self._resume.wait()
+                resume = self._resume = anyio.Event()
+                await resume.wait()
         # Closed by us: the sender finishes the close; read and discard until the end.
         receive = self.transport.receive
         while True:

@@ -29,6 +29,7 @@ from adapters.shell.handoff import Handoff
 from adapters.shell.lag import NOISE_S, LoopLag
 from adapters.shell.live import LiveSession
 from adapters.shell.metrics import Metrics
+from adapters.shell.outbound import Flusher
 from adapters.shell.permissions import PermissionCache
 from adapters.shell.presence import PresenceKeeper
 from adapters.shell.presence_interest import PresenceInterest, PresenceWatch
@@ -83,6 +84,8 @@ class Gateway:
         close_timeout, timeout = seconds(s.close_timeout_ms), seconds(s.backend_timeout_ms)
         self._limits = SocketLimits(s.outbound_max_frames, s.outbound_max_bytes, close_timeout)
         self.running = False
+        #: Writes every connection's queued frames (adapters.shell.outbound).
+        self.flusher = Flusher()
         self._drained: anyio.Event | None = None
         permissions = PermissionCache(directory, clock, seconds(s.permission_cache_ttl_ms))
         self.publisher = Publisher(broker, self.metrics, timeout)
@@ -175,11 +178,12 @@ class Gateway:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Background work of the instance: broker reader, heartbeat sweep, presence
         liveness and reaping, deferred unsubscribes. Runs until cancelled."""
-        try:
-            await self.keeper.keep_alive()
-        except BACKEND_ERRORS as exc:
-            log.warning("presence store unavailable at start: %s", exc)
         async with anyio.create_task_group() as group:
+            await group.start(self.flusher.run)
+            try:
+                await self.keeper.keep_alive()
+            except BACKEND_ERRORS as exc:
+                log.warning("presence store unavailable at start: %s", exc)
             self.routes.bind(group)
             group.start_soon(self.broker.run, self.fanout.on_message)
             group.start_soon(self._sweep_loop)
@@ -205,6 +209,7 @@ class Gateway:
             limits=self._limits,
             metrics=self.metrics,
             clock=self.clock,
+            flusher=self.flusher,
         )
         await conn.perform(session.hello())
         self.admission.admit(conn)

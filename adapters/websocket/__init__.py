@@ -1,5 +1,5 @@
-"""The WebSocket transport over Starlette/ASGI."""
+"""The WebSocket transport over raw ASGI (and over a Starlette WebSocket)."""
 
-from adapters.websocket.transport import StarletteTransport
+from adapters.websocket.transport import AsgiTransport, StarletteTransport
 
-__all__ = ["StarletteTransport"]
+__all__ = ["AsgiTransport", "StarletteTransport"]

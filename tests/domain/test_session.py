@@ -3,7 +3,9 @@ precedence rule of PROTOCOL 7a, timers, rate limit and dispatch sequence numbers
 
 from __future__ import annotations
 
+import gc
 import json
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -569,3 +571,41 @@ def test_sliding_window() -> None:
     assert not w.admit(1.5)
     assert not w.admit(1.999)
     assert w.admit(2.0)
+
+
+def test_the_window_keeps_only_the_stamps_that_can_still_decide() -> None:
+    """A busy minute then quiet: the next event finds the old stamps gone (an idle
+    session holds one or two, not ``count``), and the limit decides as before."""
+    w = SlidingWindow(120, 60.0)
+    for i in range(100):
+        assert w.admit(i * 0.1)
+    assert len(w.stamps) == 100
+    assert w.admit(200.0)
+    assert w.stamps == (200.0,)
+    for i in range(119):
+        assert w.admit(200.0 + i * 0.01)
+    assert not w.admit(201.5)  # 120 within the window: refused
+    w.merge((150.0, 199.0))  # a resumed session's window joins: the last 120 stay
+    assert len(w.stamps) == 120 and w.stamps[0] == 200.0
+
+
+def test_a_kept_dispatch_costs_one_slot_not_an_object() -> None:
+    """The replay buffer of a busy session keeps ``resume_buffer_frames`` dispatches
+    of templates shared by every session: per frame only a deque slot (8 bytes), no
+    ``(s, template)`` tuple nor ``s`` int (92 bytes a frame before). tracemalloc
+    counts bytes, not time."""
+
+    config = SessionConfig(resume_ttl=30.0)
+    templates = [dispatch_template("E", {"i": i}) for i in range(config.resume_buffer_frames)]
+    session = Session("sid", config, 0.0)
+    gc.collect()
+    tracemalloc.start()
+    before, _ = tracemalloc.get_traced_memory()
+    for template in templates:
+        session.stamp(template)
+    gc.collect()
+    after, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(session.replay) == config.resume_buffer_frames
+    assert (after - before) / config.resume_buffer_frames < 16
+    assert [s for s, _ in session.replay.items()] == list(range(1, len(templates) + 1))

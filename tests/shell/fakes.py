@@ -71,6 +71,13 @@ class FakeTransport:
         for text in texts:
             await self.send(text)
 
+    def try_send_many(self, texts: Sequence[str]) -> bool:
+        if not self._reading.is_set():
+            return False  # a client that stopped reading: the write would block
+        for text in texts:
+            self._out_send.send_nowait(json.loads(text))
+        return True
+
     async def close(self, code: int, reason: str = "") -> None:
         self.close_code = code
         self.closed.set()
@@ -115,6 +122,10 @@ class FakeTransport:
 
     def stall(self) -> None:
         self._reading = anyio.Event()
+
+    def resume(self) -> None:
+        """Read again after :meth:`stall` (a blocked send goes on)."""
+        self._reading.set()
 
 
 class World:

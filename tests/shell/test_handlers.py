@@ -14,6 +14,7 @@ from adapters.shell import GatewaySettings
 from adapters.shell.connection import Connection, SocketLimits
 from adapters.shell.live import LiveSession, Work
 from adapters.shell.metrics import Metrics
+from adapters.shell.outbound import Flusher
 from domain.effects import Send, Subscribe, Unsubscribe
 from domain.session import Session, SessionConfig
 from simulation.clock import VirtualClock
@@ -51,6 +52,7 @@ def test_a_hosts_answer_runs_before_the_effects_after_it() -> None:
             limits=SocketLimits(100, 1 << 20, 1.0),
             metrics=Metrics(),
             clock=VirtualClock(),
+            flusher=Flusher(),
         )
         assert live.outlet is conn
         await conn.perform([Send("first"), Subscribe("s1"), Send("last")])

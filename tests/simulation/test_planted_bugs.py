@@ -8,17 +8,29 @@ bug breaks, first, and nothing unrelated.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import anyio
 import pytest
 
 from adapters.memory import MemoryPresenceStore, MemoryTypingGate
 from adapters.shell.live import LiveSession
+from adapters.shell.outbound import Outbound
 from adapters.shell.routing import Routes
 from domain.codec import DispatchTemplate
 from domain.model import PresenceChange, ServerId
 from simulation.cli import main
 from simulation.faults import STORM, PlannedFault
-from simulation.invariants import EXACTLY_ONCE, LEAKS, PRESENCE, RECIPIENTS, REPLIES, TYPING
+from simulation.invariants import (
+    EXACTLY_ONCE,
+    IDENTIFY,
+    LEAKS,
+    OUTBOUND,
+    PRESENCE,
+    RECIPIENTS,
+    REPLIES,
+    TYPING,
+)
 from simulation.world import SimConfig, run_simulation
 
 SEED = 11
@@ -76,6 +88,51 @@ def _leak_subscriptions(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(Routes, "unroute_now", _unroute_now_nothing)
 
 
+def _flush_keeps_the_mark(self: Outbound) -> None:
+    _flush(self)
+    self._ready = True  # a lost wake-up: its next frames never ask the flusher again
+
+
+_flush = Outbound.flush
+_send_and_close = Outbound._send_and_close
+#: The sender task each connection keeps under the planted "old" design, and its wake.
+_wakes: dict[int, anyio.Event] = {}
+
+
+def _flush_to_a_sender(self: Outbound) -> None:
+    self._ready = False
+    if not self.ended and self._sender_scope is None:
+        self._sender_scope = anyio.CancelScope()
+        self._flusher.spawn(self._sender, self._sender_scope)
+
+
+def _waking(method: Callable[..., None]) -> Callable[..., None]:
+    def waking(self: Outbound, *args: Any) -> None:
+        method(self, *args)
+        wake = _wakes.pop(id(self), None)
+        if wake is not None:
+            wake.set()
+
+    return waking
+
+
+async def _sender_for_ever(self: Outbound) -> None:
+    while True:  # the old design: a sender task per connection, waiting at rest
+        await _send_and_close(self)
+        if self.closing or self.ended:
+            return
+        wake = _wakes[id(self)] = anyio.Event()
+        if not self.outbound:
+            await wake.wait()
+
+
+def _a_sender_per_connection(mp: pytest.MonkeyPatch) -> None:
+    mp.setattr(Outbound, "flush", _flush_to_a_sender)
+    mp.setattr(Outbound, "enqueue", _waking(Outbound.enqueue))
+    mp.setattr(Outbound, "_schedule", _waking(Outbound._schedule))
+    mp.setattr(Outbound, "_send_and_close", _sender_for_ever)
+
+
 BUGS: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], str, set[str]]] = {
     "typing dedup off": (
         lambda mp: mp.setattr(MemoryTypingGate, "claim", _claim_always),
@@ -93,6 +150,17 @@ BUGS: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], str, set[str]]] = {
         {EXACTLY_ONCE},
     ),
     # Visible first as events after UNSUBSCRIBED, then as routes left at the end.
+    # Its frames then never leave: the handshakes, replies and presence fail after it.
+    "a flushed connection stays marked ready (lost wake-up)": (
+        lambda mp: mp.setattr(Outbound, "flush", _flush_keeps_the_mark),
+        OUTBOUND,
+        {OUTBOUND, IDENTIFY, REPLIES, PRESENCE},
+    ),
+    "a sender task per connection at rest": (
+        _a_sender_per_connection,
+        OUTBOUND,
+        {OUTBOUND},
+    ),
     "subscription leak": (
         _leak_subscriptions,
         RECIPIENTS,

@@ -1,0 +1,344 @@
+"""The instance's flusher: one task writes the queued frames of every connection.
+
+A connection at rest holds no task of its own beyond its reader: when frames are
+queued for it (or it must close), it puts itself on the flusher's ready list, once.
+The flusher wakes once for however many connections became ready, and for each one
+hands its queued batch to the transport's non-blocking write
+(:meth:`domain.ports.Transport.try_send_many`), one write per connection.
+
+A write that could block (the peer stopped reading: the socket's buffer is over its
+high-water mark) is never attempted by the flusher. That connection then gets a
+sender task of its own, which awaits the write (and the close, with its deadline)
+and ends once the queue is empty again; meanwhile its queue keeps its bounds
+(slow consumer: close 4010). So one peer that does not read never holds up the
+others' writes.
+
+The flusher's task group is also where a connection's short-lived tasks run (that
+sender, a handshake beside the reader): every task in a task group, none per
+connection at rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+from anyio.abc import TaskStatus
+
+from adapters.shell.live import LiveSession
+from adapters.shell.metrics import Metrics
+from domain.codec import CloseCode
+from domain.effects import Close
+from domain.ports import Transport, TransportClosed
+
+#: At most this many frames in one write to the transport.
+MAX_BATCH_FRAMES = MAX_BATCH = 256
+
+log = logging.getLogger("gateway")
+
+
+class Flushable(Protocol):
+    def flush(self) -> None:
+        """Write what is queued now, without awaiting (the flusher's turn)."""
+        ...
+
+
+class Flusher:
+    __slots__ = ("_group", "_pending", "_ready", "_wake", "rounds")
+
+    def __init__(self) -> None:
+        self._ready: list[Flushable] = []
+        self._wake: anyio.Event | None = None
+        self._group: anyio.abc.TaskGroup | None = None
+        #: Tasks asked for before the flusher runs (started as soon as it does).
+        self._pending: list[tuple[Callable[..., Coroutine[Any, Any, None]], tuple[Any, ...]]] = []
+        #: Wake-ups of the flusher so far (each one writes every ready connection).
+        self.rounds = 0
+
+    @property
+    def running(self) -> bool:
+        return self._group is not None
+
+    def waiting(self) -> list[Flushable]:
+        """The connections on the ready list now (checks and tests)."""
+        return list(self._ready)
+
+    def ready(self, conn: Flushable) -> None:
+        """``conn`` has frames to write or a close to start (the caller asks once)."""
+        self._ready.append(conn)
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set()
+
+    def spawn(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+        """Run ``fn(*args)`` in the flusher's task group (it must not raise)."""
+        if self._group is None:
+            self._pending.append((fn, args))
+        else:
+            self._group.start_soon(fn, *args)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as group:
+            self._group = group
+            pending, self._pending = self._pending, []
+            for fn, args in pending:
+                group.start_soon(fn, *args)
+            task_status.started()
+            try:
+                await self._loop()
+            finally:
+                self._group = None
+
+    async def _loop(self) -> None:
+        while True:
+            ready = self._ready
+            if not ready:
+                wake = self._wake = anyio.Event()
+                await wake.wait()
+                continue
+            self._ready = []
+            self.rounds += 1
+            for conn in ready:
+                try:
+                    conn.flush()
+                except Exception:  # backstop: a bug in one must not stop the others
+                    log.exception("flush failed")
+            # Let the loop run the readers and the broker before the next round.
+            await anyio.lowlevel.checkpoint()
+
+
+@dataclass(frozen=True, slots=True)
+class SocketLimits:
+    outbound_max_frames: int
+    outbound_max_bytes: int
+    #: Seconds a close handshake may take before the socket is abandoned.
+    close_timeout: float
+
+
+class Outbound:
+    """The writing half of a connection: its bounded queue, its turn in the flusher,
+    the sender task it gets only while a write would block or it closes, and the
+    close with its deadline (PROTOCOL section 6). :class:`~adapters.shell.connection.
+    Connection` is the rest (the reader and the interpreter)."""
+
+    __slots__ = (
+        "_close",
+        "_close_deadline",
+        "_failure",
+        "_flusher",
+        "_limits",
+        "_max_bytes",
+        "_max_frames",
+        "_metrics",
+        "_reader",
+        "_ready",
+        "_send_scope",
+        "_sender_scope",
+        "close_code",
+        "closing",
+        "ended",
+        "outbound",
+        "queued_bytes",
+        "transport",
+    )
+
+    live: LiveSession
+
+    def __init__(
+        self, transport: Transport, limits: SocketLimits, metrics: Metrics, flusher: Flusher
+    ) -> None:
+        self.transport = transport
+        self._limits = limits
+        # The bounds, read on every delivery: plain slots.
+        self._max_frames = limits.outbound_max_frames
+        self._max_bytes = limits.outbound_max_bytes
+        self._metrics = metrics
+        self._flusher = flusher
+        #: A list, not a deque: an empty one is small, and batches are slices.
+        self.outbound: list[str] = []
+        self.queued_bytes = 0
+        self.close_code: int | None = None
+        self._close: Close | None = None
+        #: anyio time by which the transport must be gone once ``_close`` is set.
+        self._close_deadline = 0.0
+        #: Set once the gateway decided to close (read on every delivery: a plain slot).
+        self.closing = False
+        #: On the flusher's ready list (asked once until it flushes).
+        self._ready = False
+        #: While a sender task owns the queue: its scope, and the scope of its pump.
+        self._sender_scope: anyio.CancelScope | None = None
+        self._send_scope: anyio.CancelScope | None = None
+        #: While the reader runs: its scope (cancelled to end the connection).
+        self._reader: anyio.CancelScope | None = None
+        #: Set once the connection ended (nothing more is written or started).
+        self.ended = False
+        self._failure: BaseException | None = None
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failure is None:
+            self._failure = exc
+        self._end_reader()
+
+    def _end_reader(self) -> None:
+        self.ended = True  # nothing more is written from now on
+        if self._reader is not None:
+            self._reader.cancel()
+
+    # --- outbound -----------------------------------------------------------------
+
+    def enqueue(self, text: str) -> None:
+        if self._close is not None:
+            return
+        outbound = self.outbound
+        outbound.append(text)
+        self.queued_bytes += len(text)
+        if len(outbound) > self._max_frames or self.queued_bytes > self._max_bytes:
+            self._metrics.slow_consumers.inc()
+            self.abort(CloseCode.SLOW_CONSUMER, "slow consumer")
+            return
+        if not self._ready:
+            self._ready = True
+            self._flusher.ready(self)
+
+    def _schedule(self) -> None:
+        if not self._ready:
+            self._ready = True
+            self._flusher.ready(self)
+
+    def request_close(self, code: int, reason: str) -> None:
+        """Close after the frames already queued have been sent."""
+        if self._close is None:
+            self.live.session.close(code, reason)
+            self._decided(Close(code, reason))
+            self._schedule()
+
+    def abort(self, code: int, reason: str) -> None:
+        """Close now, dropping whatever is queued (slow consumer)."""
+        if self._close is None:
+            self.live.session.close(code, reason)
+            self._decided(Close(code, reason))
+        self.outbound.clear()
+        self.queued_bytes = 0
+        if self._send_scope is not None:
+            self._send_scope.cancel()
+        self._schedule()
+
+    def _closed_by_session(self, close: Close) -> None:
+        # The session already moved to CLOSED; remember why and start the close.
+        if self._close is None:
+            self._decided(close)
+            if close.code == CloseCode.RATE_LIMITED:
+                self._metrics.rate_limited.inc()
+            self._schedule()
+
+    @property
+    def close_side(self) -> str:
+        """Who started the close: ``server`` once the gateway decided, else ``client``."""
+        return "server" if self._close is not None else "client"
+
+    @property
+    def scheduled(self) -> bool:
+        """Put on the flusher's ready list and not flushed since."""
+        return self._ready
+
+    @property
+    def sending(self) -> bool:
+        """A sender task of this connection's own runs (a blocked write, or the close)."""
+        return self._sender_scope is not None
+
+    def _decided(self, close: Close) -> None:
+        """The gateway decided to close: start the close deadline."""
+        self._close = close
+        self.closing = True
+        self.close_code = close.code
+        self._close_deadline = anyio.current_time() + self._limits.close_timeout
+        if self._send_scope is not None:
+            self._send_scope.deadline = self._close_deadline
+
+    def flush(self) -> None:
+        """The flusher's turn: write the queue now where that cannot block; else (or
+        to close) hand it to a sender task of the connection's own."""
+        self._ready = False
+        if self.ended or self._sender_scope is not None:
+            return  # gone, or the sender owns the queue (it ends once it is empty)
+        outbound = self.outbound
+        try_send = self.transport.try_send_many
+        hot = self._metrics.hot
+        try:
+            while outbound:
+                batch = outbound if len(outbound) <= MAX_BATCH_FRAMES else outbound[:MAX_BATCH]
+                if not try_send(batch):
+                    break
+                size = sum(map(len, batch))
+                hot.frames_out += len(batch)
+                del outbound[: len(batch)]
+                self.queued_bytes -= size
+                hot.bytes_out += size
+        except (TransportClosed, OSError):
+            self._end_reader()  # the peer is gone: nothing more to send or close
+            return
+        except Exception as exc:  # a bug: it ends this connection (its reader raises it)
+            self._fail(exc)
+            return
+        if outbound or self._close is not None:
+            self._sender_scope = anyio.CancelScope()
+            self._flusher.spawn(self._sender, self._sender_scope)
+
+    async def _sender(self, outer: anyio.CancelScope) -> None:
+        try:
+            with outer:
+                await self._send_and_close()
+        except Exception as exc:
+            self._fail(exc)
+        finally:
+            self._sender_scope = None
+            if self.outbound and not self.ended:
+                self._schedule()
+
+    async def _send_and_close(self) -> None:
+        with anyio.CancelScope() as self._send_scope:
+            if self._close is not None:
+                self._send_scope.deadline = self._close_deadline
+            try:
+                await self._pump()
+            except (TransportClosed, OSError):
+                # The peer is gone: nothing more to send or close.
+                self._end_reader()
+                return
+        self._send_scope = None
+        close = self._close
+        if close is None:
+            return  # the queue is empty: back to rest, no task
+        with anyio.CancelScope(deadline=self._close_deadline):
+            with contextlib.suppress(TransportClosed, OSError, RuntimeError):
+                await self.transport.close(close.code, close.reason)
+            # The reader ends the connection when the peer answers the close.
+            await anyio.sleep_forever()
+        # The deadline passed: the peer did not answer, or could not be written to.
+        self.transport.abort()
+        self._end_reader()
+
+    async def _pump(self) -> None:
+        hot = self._metrics.hot
+        send_many = self.transport.send_many
+        while self.outbound:
+            # Everything queued goes out in one write (bounded, so that a batch in
+            # flight never holds more than MAX_BATCH_FRAMES beside the queue).
+            outbound = self.outbound
+            if len(outbound) <= MAX_BATCH_FRAMES:
+                batch, self.outbound = outbound, []
+            else:
+                batch = outbound[:MAX_BATCH_FRAMES]
+                del outbound[:MAX_BATCH_FRAMES]
+            size = sum(map(len, batch))
+            self.queued_bytes -= size
+            await send_many(batch)
+            hot.frames_out += len(batch)
+            hot.bytes_out += size

@@ -1,0 +1,111 @@
+"""The flusher (adapters.shell.outbound): an idle connection holds no task beyond its
+reader, one wake of the flusher writes a whole fan-out, and a client that does not
+read gets a sender task of its own that holds up nobody else."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import anyio
+
+from adapters.shell import GatewaySettings
+from adapters.shell.connection import Connection
+from tests.shell.fakes import FakeTransport, World, run_virtual
+
+USERS = ("u1", "u2", "u3")  # members of s1 in the demo data
+
+
+def _connections(world: World) -> list[Connection]:
+    return list(world.gateway.admission.connections)
+
+
+async def _quiet(world: World) -> None:
+    """Let presence broadcasts and the like settle (virtual time: no real wait)."""
+    await anyio.sleep(1.0)
+    await world.until(
+        lambda: all(not c.outbound and not c.sending for c in _connections(world)), "quiet"
+    )
+
+
+def test_an_idle_connection_holds_no_task_but_its_reader() -> None:
+    async def test(world: World) -> None:
+        await _quiet(world)
+        before = len(asyncio.all_tasks())
+        clients = [await world.login(USERS[i % 3], "s1") for i in range(30)]
+        await _quiet(world)
+        # World.connect starts one task per connection (gateway.serve: the reader);
+        # nothing else is left running for it.
+        assert len(asyncio.all_tasks()) - before == len(clients)
+        assert not any(c.sending for c in _connections(world))
+
+    run_virtual(test)
+
+
+def test_one_wake_of_the_flusher_writes_a_whole_fan_out() -> None:
+    async def test(world: World) -> None:
+        clients = [await world.login(USERS[i % 3], "s1") for i in range(30)]
+        await _quiet(world)
+        for client in clients:
+            client.pending()
+        flusher = world.gateway.flusher
+        rounds = flusher.rounds
+        await world.gateway.publish_to_server("s1", {"op": "BULK", "d": 1})
+        for client in clients:
+            assert (await client.event())["d"] == 1
+        assert flusher.rounds - rounds == 1
+        assert not any(c.sending for c in _connections(world))
+
+    run_virtual(test)
+
+
+def test_a_client_that_does_not_read_gets_a_sender_and_holds_up_no_one() -> None:
+    settings = replace(GatewaySettings(), outbound_max_frames=8)
+
+    async def test(world: World) -> None:
+        readers = [await world.login(user, "s1") for user in ("u1", "u3")]
+        stalled = await world.login("u2", "s1")
+        await _quiet(world)
+        (stalled_id,) = world.gateway.snapshot().users["u2"]
+        (stalled_conn,) = [c for c in _connections(world) if c.live.session_id == stalled_id]
+        stalled.stall()
+        for i in range(4):
+            await world.gateway.publish_to_server("s1", {"op": "BULK", "d": i})
+        for reader in readers:
+            assert [(await reader.event())["d"] for _ in range(4)] == [0, 1, 2, 3]
+        # Its write would block: a task of its own waits on it, nobody else has one.
+        assert stalled_conn.sending
+        assert [c for c in _connections(world) if c.sending] == [stalled_conn]
+        for i in range(4, 16):
+            await world.gateway.publish_to_server("s1", {"op": "BULK", "d": i})
+        await stalled.closed.wait()
+        assert stalled.close_code == 4010
+        for reader in readers:
+            assert [(await reader.event())["d"] for _ in range(12)] == list(range(4, 16))
+        await world.until(lambda: stalled_id not in world.gateway.snapshot().connections, "gone")
+        await _quiet(world)
+        assert not stalled_conn.sending
+
+    run_virtual(test, settings)
+
+
+def test_frames_queued_while_a_sender_runs_go_out_after_it_in_order() -> None:
+    async def test(world: World) -> None:
+        client: FakeTransport = await world.login("u1", "s1")
+        await _quiet(world)
+        client.stall()
+        for i in range(3):
+            await world.gateway.publish_to_server("s1", {"op": "BULK", "d": i})
+        await anyio.sleep(0.5)
+        (conn,) = _connections(world)
+        assert conn.sending
+        client.resume()
+        for i in range(3, 6):
+            await world.gateway.publish_to_server("s1", {"op": "BULK", "d": i})
+        frames = [await client.event() for _ in range(6)]
+        assert [f["d"] for f in frames] == list(range(6))
+        assert [f["s"] for f in frames] == list(range(frames[0]["s"], frames[0]["s"] + 6))
+        await _quiet(world)
+        assert not conn.sending
+
+    run_virtual(test)
