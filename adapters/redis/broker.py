@@ -20,12 +20,13 @@ applied is its :class:`SubscriberSession` (:mod:`adapters.redis.subscriber`).
 While down
 ----------
 ``is_healthy()`` is False. ``publish`` raises ``BackendUnavailable`` within
-``publish_timeout``, and at once while a publish already failed in this outage less
-than ``publish_timeout`` ago. ``subscribe`` waits for the reconnect, up to
-``subscribe_timeout``, then raises ``BackendUnavailable``; a subscribe that failed or
-was cancelled has no effect. Messages published meanwhile are lost (at most once).
-An exception from the handler ends ``run`` with that exception, as with the memory
-broker. ``stats`` counts outages, reconnects and messages for metrics.
+``publish_timeout`` of having a pooled connection, and at once while a publish
+already failed in this outage less than ``publish_timeout`` ago. ``subscribe``
+waits for the reconnect, up to ``subscribe_timeout``, then raises
+``BackendUnavailable``; a subscribe that failed or was cancelled has no effect.
+Messages published meanwhile are lost (at most once). An exception from the handler
+ends ``run`` with that exception, as with the memory broker. ``stats`` counts
+outages, reconnects and messages for metrics.
 
 ``subscribe`` must not be awaited inside the handler (its confirmation is read by the
 task running the handler); ``unsubscribe`` may.
@@ -42,7 +43,7 @@ import anyio.lowlevel
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
-from adapters.redis._common import create_client, unavailable_as
+from adapters.redis._common import DEFAULT_POOL_TIMEOUT, create_client, unavailable_as
 from adapters.redis.subscriber import (
     RESYNC,
     SESSION_ERRORS,
@@ -69,7 +70,9 @@ class RedisBroker:
 
     ``ping_interval``/``ping_timeout``: the watchdog of the subscriber connection.
     ``connect_timeout``: one connection attempt, handshake included.
-    ``publish_timeout``: bound of one PUBLISH (socket, pool wait and overall).
+    ``publish_timeout``: bound of one PUBLISH's socket operations, from the moment it
+    has a pooled connection; ``pool_timeout``: the wait for one (kept apart, see
+    :mod:`adapters.redis._common`).
     ``subscribe_timeout``: how long ``subscribe`` waits for the broker to be live.
     ``reconnect_base``/``reconnect_max``: the backoff between attempts (doubling,
     capped, each delay scaled by a random factor in [0.5, 1]).
@@ -85,6 +88,7 @@ class RedisBroker:
         ping_timeout: float = 3.0,
         connect_timeout: float = 2.0,
         publish_timeout: float = 1.0,
+        pool_timeout: float = DEFAULT_POOL_TIMEOUT,
         subscribe_timeout: float = 5.0,
         write_timeout: float = 1.0,
         reconnect_base: float = 0.1,
@@ -109,6 +113,7 @@ class RedisBroker:
         self._client: Redis = create_client(
             url,
             timeout=publish_timeout,
+            pool_timeout=pool_timeout,
             connect_timeout=min(connect_timeout, publish_timeout),
             max_connections=max_connections,
         )
@@ -143,7 +148,7 @@ class RedisBroker:
             self.stats.publish_failures += 1
             raise BackendUnavailable("broker unavailable (reconnecting)")
         try:
-            with unavailable_as(f"PUBLISH {channel}", self._publish_timeout):
+            with unavailable_as(f"PUBLISH {channel}"):
                 await self._client.publish(channel, payload)
         except BackendUnavailable:
             self.stats.publish_failures += 1

@@ -177,11 +177,10 @@ class RedisPresenceStore:
         self,
         client: Redis,
         *,
-        timeout: float = DEFAULT_TIMEOUT,
         registry_prefix: str = DEFAULT_REGISTRY_PREFIX,
     ) -> None:
+        """``client``'s own bounds (:func:`create_client`) bound every call."""
         self._client = client
-        self._timeout = timeout
         self._prefix = registry_prefix
         self._owns_client = False
         self._opened: AsyncScript = client.register_script(_OPENED)
@@ -199,9 +198,7 @@ class RedisPresenceStore:
         registry_prefix: str = DEFAULT_REGISTRY_PREFIX,
     ) -> RedisPresenceStore:
         """A store with its own client, closed by :meth:`close`."""
-        store = cls(
-            create_client(url, timeout=timeout), timeout=timeout, registry_prefix=registry_prefix
-        )
+        store = cls(create_client(url, timeout=timeout), registry_prefix=registry_prefix)
         store._owns_client = True
         return store
 
@@ -221,7 +218,7 @@ class RedisPresenceStore:
     async def _call(
         self, what: str, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int]
     ) -> object:
-        with unavailable_as(f"presence {what}", self._timeout):
+        with unavailable_as(f"presence {what}"):
             result: object = await script(keys=keys, args=args)
         return result
 
@@ -263,7 +260,7 @@ class RedisPresenceStore:
         return self._change(user_id, result)
 
     async def get_status(self, user_id: UserId) -> Status:
-        with unavailable_as("presence get_status", self._timeout):
+        with unavailable_as("presence get_status"):
             value = await self._client.get(presence_key(user_id))
         if value is None:
             return Status.OFFLINE
@@ -275,7 +272,7 @@ class RedisPresenceStore:
     async def get_statuses(self, user_ids: Sequence[UserId]) -> list[Status]:
         if not user_ids:
             return []
-        with unavailable_as("presence get_statuses", self._timeout):
+        with unavailable_as("presence get_statuses"):
             pipe = self._client.pipeline(transaction=False)
             for user_id in user_ids:
                 pipe.get(presence_key(user_id))
@@ -310,7 +307,7 @@ class RedisPresenceStore:
         return changes
 
     async def ping(self) -> None:
-        with unavailable_as("presence ping", self._timeout):
+        with unavailable_as("presence ping"):
             await self._client.ping()
 
     async def close(self) -> None:
