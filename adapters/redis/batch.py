@@ -40,7 +40,8 @@ class _Call:
         self.script = script
         self.keys = keys
         self.args = args
-        self.wake = anyio.Event()
+        #: Made only for a call that waits (a leader's own call never does).
+        self.wake: anyio.Event | None = None
         self.lead = False
         self.finished = False
         self.result: object = None
@@ -75,6 +76,7 @@ class ScriptBatcher:
         call = _Call(script, keys, args)
         self._queue.append(call)
         if self._busy:
+            call.wake = anyio.Event()
             try:
                 await call.wake.wait()
             except BaseException:
@@ -93,6 +95,8 @@ class ScriptBatcher:
                 with anyio.CancelScope(shield=True):
                     await self._execute(batch)
         finally:
+            if not call.finished and call in self._queue:  # the round trip raised
+                self._queue.remove(call)
             self._hand_on()
         return call.outcome()
 
@@ -101,7 +105,8 @@ class ScriptBatcher:
         if self._queue:
             first = self._queue[0]
             first.lead = True
-            first.wake.set()
+            if first.wake is not None:
+                first.wake.set()
         else:
             self._busy = False
 
@@ -130,7 +135,8 @@ class ScriptBatcher:
         finally:
             for c in batch:
                 c.finished = True
-                c.wake.set()
+                if c.wake is not None:
+                    c.wake.set()
 
     async def _pipeline(self, calls: list[_Call]) -> list[object]:
         pipe = self._client.pipeline(transaction=False)
