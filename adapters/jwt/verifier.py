@@ -44,27 +44,24 @@ class JwtVerifier:
         self._secret = secret
         self._public_key = public_key
         self._leeway = leeway
+        # One decoder with its options set once (a handshake decodes one token; the
+        # options were merged again on every call).
+        self._jwt = jwt.PyJWT(options={"require": ["exp", "sub"], "verify_exp": False})
+        #: With one kind of key only, the key does not depend on the header: PyJWT checks
+        #: the header's ``alg`` against the allow-list itself (no second parse).
+        self._only: tuple[str, list[str]] | None = None
+        if not self._asymmetric and secret:
+            self._only = (secret, self._symmetric)
+        elif not self._symmetric and public_key:
+            self._only = (public_key, self._asymmetric)
 
     def verify(self, token: str, now: float) -> UserId:
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError as exc:
-            raise InvalidToken(f"malformed token: {exc}") from None
-        alg = header.get("alg")
-        if alg in self._symmetric:
-            key: str | None = self._secret
-        elif alg in self._asymmetric:
-            key = self._public_key
+        if self._only is not None:
+            key, algorithms = self._only
         else:
-            raise InvalidToken(f"algorithm {alg!r} is not allowed")
-        assert key is not None
+            key, algorithms = self._key_for(token)
         try:
-            claims = jwt.decode(
-                token,
-                key,
-                algorithms=[alg],
-                options={"require": ["exp", "sub"], "verify_exp": False},
-            )
+            claims = self._jwt.decode(token, key, algorithms=algorithms)
         except jwt.PyJWTError as exc:
             raise InvalidToken(str(exc)) from None
         exp = claims.get("exp")
@@ -76,6 +73,22 @@ class JwtVerifier:
         if not isinstance(sub, str) or not sub:
             raise InvalidToken("'sub' must be a non-empty string")
         return sub
+
+    def _key_for(self, token: str) -> tuple[str, list[str]]:
+        """Both kinds of key configured: the header's ``alg`` picks one."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(f"malformed token: {exc}") from None
+        alg = header.get("alg")
+        if alg in self._symmetric:
+            key = self._secret
+        elif alg in self._asymmetric:
+            key = self._public_key
+        else:
+            raise InvalidToken(f"algorithm {alg!r} is not allowed")
+        assert key is not None
+        return key, [alg]
 
 
 class JwtIssuer:

@@ -20,12 +20,13 @@ applied is its :class:`SubscriberSession` (:mod:`adapters.redis.subscriber`).
 While down
 ----------
 ``is_healthy()`` is False. ``publish`` raises ``BackendUnavailable`` within
-``publish_timeout``, and at once while a publish already failed in this outage less
-than ``publish_timeout`` ago. ``subscribe`` waits for the reconnect, up to
-``subscribe_timeout``, then raises ``BackendUnavailable``; a subscribe that failed or
-was cancelled has no effect. Messages published meanwhile are lost (at most once).
-An exception from the handler ends ``run`` with that exception, as with the memory
-broker. ``stats`` counts outages, reconnects and messages for metrics.
+``publish_timeout`` of having a pooled connection, and at once while a publish
+already failed in this outage less than ``publish_timeout`` ago. ``subscribe``
+waits for the reconnect, up to ``subscribe_timeout``, then raises
+``BackendUnavailable``; a subscribe that failed or was cancelled has no effect.
+Messages published meanwhile are lost (at most once). An exception from the handler
+ends ``run`` with that exception, as with the memory broker. ``stats`` counts
+outages, reconnects and messages for metrics.
 
 ``subscribe`` must not be awaited inside the handler (its confirmation is read by the
 task running the handler); ``unsubscribe`` may.
@@ -36,15 +37,14 @@ from __future__ import annotations
 import logging
 import random
 from collections import defaultdict
-from collections.abc import Sequence
 
 import anyio
 import anyio.lowlevel
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
-from adapters.redis._common import create_client, unavailable_as
-from adapters.redis.batching import TickBatcher
+from adapters.redis._common import DEFAULT_POOL_TIMEOUT, create_client, unavailable_as
+from adapters.redis.batch import CommandBatcher
 from adapters.redis.subscriber import (
     RESYNC,
     SESSION_ERRORS,
@@ -71,7 +71,9 @@ class RedisBroker:
 
     ``ping_interval``/``ping_timeout``: the watchdog of the subscriber connection.
     ``connect_timeout``: one connection attempt, handshake included.
-    ``publish_timeout``: bound of one PUBLISH (socket, pool wait and overall).
+    ``publish_timeout``: bound of one PUBLISH's socket operations, from the moment it
+    has a pooled connection; ``pool_timeout``: the wait for one (kept apart, see
+    :mod:`adapters.redis._common`).
     ``subscribe_timeout``: how long ``subscribe`` waits for the broker to be live.
     ``reconnect_base``/``reconnect_max``: the backoff between attempts (doubling,
     capped, each delay scaled by a random factor in [0.5, 1]).
@@ -87,6 +89,7 @@ class RedisBroker:
         ping_timeout: float = 3.0,
         connect_timeout: float = 2.0,
         publish_timeout: float = 1.0,
+        pool_timeout: float = DEFAULT_POOL_TIMEOUT,
         subscribe_timeout: float = 5.0,
         write_timeout: float = 1.0,
         reconnect_base: float = 0.1,
@@ -111,6 +114,7 @@ class RedisBroker:
         self._client: Redis = create_client(
             url,
             timeout=publish_timeout,
+            pool_timeout=pool_timeout,
             connect_timeout=min(connect_timeout, publish_timeout),
             max_connections=max_connections,
         )
@@ -126,9 +130,9 @@ class RedisBroker:
         self._session: SubscriberSession | None = None
         self._healthy = False
         self._publish_blocked_until = 0.0
-        #: PUBLISHes of one loop tick go as one pipeline (a storm's presence changes,
-        #: the handoff's asks and markers).
-        self._publishes: TickBatcher[tuple[str, bytes], None] = TickBatcher(self._publish_batch)
+        #: PUBLISHes issued while one is on the wire go together in the next round trip
+        #: (a storm's presence changes, the handoff's asks and markers).
+        self._publishes = CommandBatcher(self._client)
         self._subscribing: defaultdict[str, int] = defaultdict(int)
         self._running = False
         self._run_scope: anyio.CancelScope | None = None
@@ -148,7 +152,8 @@ class RedisBroker:
             self.stats.publish_failures += 1
             raise BackendUnavailable("broker unavailable (reconnecting)")
         try:
-            await self._publishes.submit((channel, payload))
+            with unavailable_as(f"PUBLISH {channel}"):
+                await self._publishes.command(lambda p: p.publish(channel, payload))
         except BackendUnavailable:
             self.stats.publish_failures += 1
             if not self._healthy:
@@ -156,24 +161,10 @@ class RedisBroker:
             raise
         self.stats.publishes += 1
 
-    async def _publish_batch(
-        self, batch: Sequence[tuple[str, bytes]]
-    ) -> list[BaseException | None]:
-        """One round trip for the tick's PUBLISHes (a lone one as a plain command)."""
-        self.stats.publish_round_trips += 1
-        what = f"PUBLISH {batch[0][0]}" if len(batch) == 1 else f"{len(batch)} PUBLISHes"
-        try:
-            with unavailable_as(what, self._publish_timeout):
-                if len(batch) == 1:
-                    await self._client.publish(*batch[0])
-                    return [None]
-                pipe = self._client.pipeline(transaction=False)
-                for channel, payload in batch:
-                    pipe.publish(channel, payload)
-                replies = await pipe.execute(raise_on_error=False)
-        except BackendUnavailable as exc:
-            return [BackendUnavailable(str(exc)) for _ in batch]
-        return [r if isinstance(r, BaseException) else None for r in replies]
+    @property
+    def publish_round_trips(self) -> int:
+        """Round trips that carried PUBLISHes (a pipeline counts once)."""
+        return self._publishes.batches
 
     async def subscribe(self, channel: str) -> None:
         self._check_open()

@@ -16,6 +16,9 @@ instance: two instances closing a user's last two sessions at once see 2 -> 1 ->
 and exactly one of them gets the change to offline. ``reap`` handles all dead
 instances in one script: it removes each one from ``P instances`` in the same step
 that closes its sessions, so concurrent reapers never return the same change twice.
+The transitions issued while one round trip is in flight go to Redis together, as
+one non-transactional pipeline of their EVALSHA calls (:mod:`adapters.redis.batch`):
+still one script per user and transition, one round trip for the batch.
 
 The scripts compute some key names (the reaped instances' and users' keys) inside
 Lua, which standalone Redis allows; a Redis Cluster deployment would need hash tags.
@@ -30,6 +33,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from adapters.redis._common import DEFAULT_TIMEOUT, create_client, unavailable_as
+from adapters.redis.batch import CommandBatcher
 from domain.keys import presence_key
 from domain.model import InstanceId, PresenceChange, SessionId, Status, UserId
 
@@ -177,11 +181,10 @@ class RedisPresenceStore:
         self,
         client: Redis,
         *,
-        timeout: float = DEFAULT_TIMEOUT,
         registry_prefix: str = DEFAULT_REGISTRY_PREFIX,
     ) -> None:
+        """``client``'s own bounds (:func:`create_client`) bound every call."""
         self._client = client
-        self._timeout = timeout
         self._prefix = registry_prefix
         self._owns_client = False
         self._opened: AsyncScript = client.register_script(_OPENED)
@@ -189,6 +192,9 @@ class RedisPresenceStore:
         self._set: AsyncScript = client.register_script(_SET)
         self._keep_alive: AsyncScript = client.register_script(_KEEP_ALIVE)
         self._reap: AsyncScript = client.register_script(_REAP)
+        #: A session's transitions (opened, closed, set) issued while one round trip is
+        #: in flight go together in the next: one pipeline of EVALSHA calls.
+        self.transitions = CommandBatcher(client)
 
     @classmethod
     def from_url(
@@ -199,9 +205,7 @@ class RedisPresenceStore:
         registry_prefix: str = DEFAULT_REGISTRY_PREFIX,
     ) -> RedisPresenceStore:
         """A store with its own client, closed by :meth:`close`."""
-        store = cls(
-            create_client(url, timeout=timeout), timeout=timeout, registry_prefix=registry_prefix
-        )
+        store = cls(create_client(url, timeout=timeout), registry_prefix=registry_prefix)
         store._owns_client = True
         return store
 
@@ -221,9 +225,15 @@ class RedisPresenceStore:
     async def _call(
         self, what: str, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int]
     ) -> object:
-        with unavailable_as(f"presence {what}", self._timeout):
+        with unavailable_as(f"presence {what}"):
             result: object = await script(keys=keys, args=args)
         return result
+
+    async def _transition(
+        self, what: str, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int]
+    ) -> object:
+        with unavailable_as(f"presence {what}"):
+            return await self.transitions.call(script, keys, args)
 
     def _change(self, user_id: UserId, result: object) -> PresenceChange:
         if not isinstance(result, list) or len(result) != 2:
@@ -239,7 +249,7 @@ class RedisPresenceStore:
             self.sessions_key(user_id),
             self.instance_users_key(instance_id),
         ]
-        result = await self._call(
+        result = await self._transition(
             "session_opened", self._opened, keys, [instance_id, user_id, session_id]
         )
         return self._change(user_id, result)
@@ -250,7 +260,7 @@ class RedisPresenceStore:
         # The session is removed from the instance it was opened on (recorded in the
         # sessions hash), whatever ``instance_id`` the caller passes.
         keys = [presence_key(user_id), self.sessions_key(user_id)]
-        result = await self._call(
+        result = await self._transition(
             "session_closed", self._closed, keys, [session_id, user_id, self._prefix]
         )
         return self._change(user_id, result)
@@ -259,11 +269,11 @@ class RedisPresenceStore:
         if status is Status.OFFLINE:
             raise ValueError("SET needs a settable status")
         keys = [presence_key(user_id), self.sessions_key(user_id)]
-        result = await self._call("set_status", self._set, keys, [status.value])
+        result = await self._transition("set_status", self._set, keys, [status.value])
         return self._change(user_id, result)
 
     async def get_status(self, user_id: UserId) -> Status:
-        with unavailable_as("presence get_status", self._timeout):
+        with unavailable_as("presence get_status"):
             value = await self._client.get(presence_key(user_id))
         if value is None:
             return Status.OFFLINE
@@ -275,7 +285,7 @@ class RedisPresenceStore:
     async def get_statuses(self, user_ids: Sequence[UserId]) -> list[Status]:
         if not user_ids:
             return []
-        with unavailable_as("presence get_statuses", self._timeout):
+        with unavailable_as("presence get_statuses"):
             pipe = self._client.pipeline(transaction=False)
             for user_id in user_ids:
                 pipe.get(presence_key(user_id))
@@ -310,7 +320,7 @@ class RedisPresenceStore:
         return changes
 
     async def ping(self) -> None:
-        with unavailable_as("presence ping", self._timeout):
+        with unavailable_as("presence ping"):
             await self._client.ping()
 
     async def close(self) -> None:

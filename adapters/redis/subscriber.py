@@ -77,7 +77,6 @@ class BrokerStats:
     messages_dropped: int = 0  #: messages of channels unsubscribed meanwhile
     publishes: int = 0
     publish_failures: int = 0
-    publish_round_trips: int = 0  #: a pipeline of one tick's PUBLISHes counts once
     subscribe_timeouts: int = 0
 
 

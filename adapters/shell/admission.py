@@ -14,8 +14,7 @@ backends (IDENTIFY today, RESUME when it exists) does its work inside it.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
+from types import TracebackType
 
 import anyio
 
@@ -26,14 +25,19 @@ class Admission:
         #: Handshakes waiting for a slot / being admitted (metrics and leak checks).
         self.waiting = 0
         self.admitted = 0
+        self._slot = _Slot(self)
 
     @property
     def concurrency(self) -> int:
         return int(self._limiter.total_tokens)
 
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Wait for a slot (FIFO), then hold it for the block."""
+    def slot(self) -> _Slot:
+        """``async with admission.slot():`` waits for a slot (FIFO), then holds it for
+        the block. (A plain context manager, not a generator: a handshake takes
+        several slots, and each generator-based one cost an allocation and a frame.)"""
+        return self._slot
+
+    async def _acquire(self) -> None:
         limiter = self._limiter
         try:
             # A free slot with nobody waiting is taken without a trip through the event
@@ -47,8 +51,28 @@ class Admission:
             finally:
                 self.waiting -= 1
         self.admitted += 1
-        try:
-            yield
-        finally:
-            self.admitted -= 1
-            self._limiter.release()
+
+    def _release(self) -> None:
+        self.admitted -= 1
+        self._limiter.release()
+
+
+class _Slot:
+    """The context manager of :meth:`Admission.slot`: stateless (the limiter knows
+    which task holds a slot), so one instance serves every caller."""
+
+    __slots__ = ("_admission",)
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+
+    async def __aenter__(self) -> None:
+        await self._admission._acquire()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._admission._release()

@@ -10,10 +10,9 @@ their own rooms.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -138,25 +137,27 @@ class Handlers:
             log.info("identify refused: %s", exc, extra={"session_id": session.session_id})
             return session.report(_AUTH_FAILED)
         try:
-            async with self._admitted():
-                started = time.perf_counter()
-                user = await self._directory.get_user(user_id)
-                if user is None:
-                    return session.report(_AUTH_FAILED)
-                servers = await self._directory.get_user_servers(user_id)
-                self._metrics.directory_seconds.observe(time.perf_counter() - started)
-                per_user = self._settings.max_connections_per_user
-                if per_user and self._routes.user_sessions(user_id) >= per_user:
-                    return session.report(
-                        IdentifyFailed(
-                            CloseCode.TOO_MANY_CONNECTIONS, "too many connections for this user"
+            # PROTOCOL 15: queued (FIFO, no timer) until admitted; one deadline from then.
+            async with self._admission.slot():
+                with anyio.fail_after(self._timeout):
+                    started = time.perf_counter()
+                    user = await self._directory.get_user(user_id)
+                    if user is None:
+                        return session.report(_AUTH_FAILED)
+                    servers = await self._directory.get_user_servers(user_id)
+                    self._metrics.directory_seconds.observe(time.perf_counter() - started)
+                    per_user = self._settings.max_connections_per_user
+                    if per_user and self._routes.user_sessions(user_id) >= per_user:
+                        return session.report(
+                            IdentifyFailed(
+                                CloseCode.TOO_MANY_CONNECTIONS, "too many connections for this user"
+                            )
                         )
-                    )
-                live.user = user
-                live.servers = tuple(servers)
-                # READY only once ws:user:{id} events reach this session (7a).
-                await self._routes.route_user(live, user_id)
-                change = await self._presence.open(live, user_id)
+                    live.user = user
+                    live.servers = tuple(servers)
+                    # READY only once ws:user:{id} events reach this session (7a).
+                    await self._routes.route_user(live, user_id)
+                    change = await self._presence.open(live, user_id)
         except BACKEND_ERRORS as exc:
             self._metrics.backend_failures.labels("identify").inc()
             log.error(
@@ -178,14 +179,6 @@ class Handlers:
         The resumer bounds each of its backend calls itself."""
         async with self._admission.slot():
             return await self._resumer.reclaim(live, effect)
-
-    @contextlib.asynccontextmanager
-    async def _admitted(self) -> AsyncIterator[None]:
-        """PROTOCOL 15: queued (FIFO, no timer) until admitted; one deadline from then."""
-        async with self._admission.slot():
-            with anyio.fail_after(self._timeout):
-                yield
-
 
     async def subscribe(self, live: LiveSession, effect: Subscribe) -> Sequence[Work]:
         session = live.session

@@ -1,0 +1,104 @@
+"""What the serving process sets up for a handshake storm, and the JWT verifier's key
+choice (one kind of key: no header parse; both kinds: the header picks)."""
+
+from __future__ import annotations
+
+import base64
+import gc
+import json
+import time
+from collections.abc import Iterator
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from adapters.jwt.verifier import JwtVerifier
+from domain.ports import InvalidToken
+from entrypoints import serve
+
+SECRET = "a-test-secret-" + "x" * 52  # 64 bytes: long enough for HS512 too
+
+
+@pytest.fixture
+def restored_gc() -> Iterator[None]:
+    threshold = gc.get_threshold()
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
+
+
+def test_serving_raises_the_young_generation_threshold_and_freezes_startup(
+    restored_gc: None,
+) -> None:
+    serve.tune_gc()
+    assert gc.get_threshold() == serve.GC_THRESHOLD
+    assert gc.get_threshold()[0] >= 10_000  # a full collection far less often
+    assert gc.get_freeze_count() > 0
+
+
+def _claims(**extra: object) -> dict[str, object]:
+    return {"sub": "u1", "exp": int(time.time()) + 60, **extra}
+
+
+def _unsigned() -> str:
+    """An ``alg: none`` token (PyJWT refuses to make one with a key)."""
+    good = jwt.encode(_claims(), SECRET, algorithm="HS256").split(".")
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "none"}).encode()).rstrip(b"=")
+    return f"{header.decode()}.{good[1]}."
+
+
+def _rsa() -> tuple[bytes, str]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private, public.decode()
+
+
+def test_secret_only_accepts_its_algorithm_and_refuses_the_rest() -> None:
+    verifier = JwtVerifier(secret=SECRET)
+    now = time.time()
+    assert verifier.verify(jwt.encode(_claims(), SECRET, algorithm="HS256"), now) == "u1"
+    private, _ = _rsa()
+    for token in (
+        jwt.encode(_claims(), SECRET, algorithm="HS512"),
+        jwt.encode(_claims(), private, algorithm="RS256"),
+        _unsigned(),
+        jwt.encode(_claims(), "another-" + SECRET, algorithm="HS256"),
+        jwt.encode({"sub": "u1"}, SECRET, algorithm="HS256"),
+        "not.a.token",
+    ):
+        with pytest.raises(InvalidToken):
+            verifier.verify(token, now)
+    with pytest.raises(InvalidToken):
+        verifier.verify(jwt.encode(_claims(), SECRET, algorithm="HS256"), now + 3600)
+
+
+def test_both_kinds_of_key_the_header_picks() -> None:
+    private, public = _rsa()
+    verifier = JwtVerifier(secret=SECRET, public_key=public, algorithms=("HS256", "RS256"))
+    now = time.time()
+    assert verifier.verify(jwt.encode(_claims(), SECRET, algorithm="HS256"), now) == "u1"
+    assert verifier.verify(jwt.encode(_claims(), private, algorithm="RS256"), now) == "u1"
+    with pytest.raises(InvalidToken):
+        verifier.verify("garbage", now)
+    with pytest.raises(InvalidToken):
+        verifier.verify(jwt.encode(_claims(), SECRET, algorithm="HS384"), now)
+
+
+def test_public_key_only() -> None:
+    private, public = _rsa()
+    verifier = JwtVerifier(public_key=public, algorithms=("RS256",))
+    now = time.time()
+    assert verifier.verify(jwt.encode(_claims(), private, algorithm="RS256"), now) == "u1"
+    with pytest.raises(InvalidToken):
+        verifier.verify(jwt.encode(_claims(), SECRET, algorithm="HS256"), now)
