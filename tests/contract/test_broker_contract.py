@@ -1,4 +1,6 @@
-"""The Broker port's contract, run against ``MemoryBroker`` and ``RedisBroker``.
+"""The Broker port's contract, run against ``MemoryBroker``, ``RedisBroker`` and
+``RedisClusterBroker`` (on a 3-master cluster: channels of one test fall on
+different masters).
 
 Every test gets a ``world``: a way to start broker instances on one shared network
 (one ``MemoryBrokerNetwork``, or one real Redis), each with ``run`` going and a
@@ -24,7 +26,7 @@ import anyio
 import pytest
 
 from adapters.memory import MemoryBroker, MemoryBrokerNetwork
-from adapters.redis import RedisBroker
+from adapters.redis import RedisBroker, RedisClusterBroker
 from domain.ports import Broker
 
 WAIT = 5.0  # seconds: generous bound for anything that should happen "now"
@@ -82,7 +84,7 @@ class BrokerWorld:
     async def close(self) -> None:
         for node in self.nodes:
             broker = node.broker
-            if isinstance(broker, RedisBroker):
+            if isinstance(broker, RedisBroker | RedisClusterBroker):
                 await broker.close()
             elif isinstance(broker, MemoryBroker):
                 broker.close()
@@ -93,11 +95,17 @@ class BrokerWorld:
                 await task
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def world(request: pytest.FixtureRequest) -> AsyncIterator[BrokerWorld]:
     factory: Callable[[], Broker]
     if request.param == "memory":
         factory = MemoryBrokerNetwork().client
+    elif request.param == "redis-cluster":
+        cluster_url: str = request.getfixturevalue("redis_cluster_url")
+
+        def factory() -> Broker:
+            return RedisClusterBroker(cluster_url, ping_interval=0.2, ping_timeout=1.0)
+
     else:
         url: str = request.getfixturevalue("redis_url")
 
