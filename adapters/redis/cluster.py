@@ -120,7 +120,8 @@ class RedisClusterBroker:
         self._wake = anyio.Event()
         self._stale = True
         self._resync: set[str] = set()
-        self._publish_blocked_until = 0.0
+        #: Per shard: until when a publish fails at once (the shard is down).
+        self._blocked: dict[str, float] = {}
         self._running = False
         self._run_scope: anyio.CancelScope | None = None
         self._closed = False
@@ -142,16 +143,19 @@ class RedisClusterBroker:
 
     async def publish(self, channel: str, payload: bytes) -> None:
         self._check_open()
-        if not self.is_healthy() and anyio.current_time() < self._publish_blocked_until:
+        owner = self._owner(channel) or ""
+        if not self._shard_live(owner) and anyio.current_time() < self._blocked.get(owner, 0.0):
+            # A publish to this shard failed a moment ago while it is down: fail at
+            # once (one publish probes again per interval); other shards unaffected.
             self.stats.publish_failures += 1
-            raise BackendUnavailable("broker unavailable (reconnecting)")
+            raise BackendUnavailable(f"broker unavailable (shard {owner} reconnecting)")
         try:
             with unavailable_as(f"SPUBLISH {channel}", self._publish_timeout):
                 await self._spublish(channel, payload)
         except BackendUnavailable:
             self.stats.publish_failures += 1
-            if not self.is_healthy():
-                self._publish_blocked_until = anyio.current_time() + self._publish_timeout
+            if not self._shard_live(owner):
+                self._blocked[owner] = anyio.current_time() + self._publish_timeout
             raise
         self.stats.publishes += 1
 
@@ -243,6 +247,11 @@ class RedisClusterBroker:
     def slot_map(self) -> SlotMap | None:
         return self._map
 
+    def is_live_on(self, channel: str, address: str) -> bool:
+        """Whether the channel is live on that master's connection (tests, metrics)."""
+        session = self._sessions.get(address)
+        return session is not None and channel in session.live
+
     # -- routing ----------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -259,6 +268,10 @@ class RedisClusterBroker:
 
     def _owner(self, channel: str) -> str | None:
         return None if self._map is None else self._map.owner(self._slot(channel))
+
+    def _shard_live(self, address: str) -> bool:
+        session = self._sessions.get(address)
+        return session is not None and session.healthy and session.failure is None
 
     def _is_live(self, channel: str) -> bool:
         owner = self._owner(channel)
@@ -539,7 +552,7 @@ class RedisClusterBroker:
             session.ping_sent_at = None
             return
         session.healthy = True
-        self._publish_blocked_until = 0.0
+        self._blocked.pop(session.address, None)
         self.stats.connects += 1
         if session.address in self._ever_live:
             self.stats.reconnects += 1

@@ -31,11 +31,13 @@ known", so an instance that was (even partly) reaped opens its sessions again.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from redis.asyncio import RedisCluster
-from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from adapters.redis._common import (
     DEFAULT_TIMEOUT,
@@ -46,6 +48,7 @@ from adapters.redis._common import (
 from adapters.redis.presence import _PRELUDE, _SET, DEFAULT_REGISTRY_PREFIX, _text
 from domain.keys import presence_key
 from domain.model import InstanceId, PresenceChange, SessionId, Status, UserId
+from domain.ports import BackendUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +132,27 @@ return 1
 """
 
 
+@dataclass(frozen=True)
+class Script:
+    """A Lua script run by EVALSHA on the node of its keys' slot, and by EVAL there
+    when that node does not have it yet (redis-py's ``register_script`` would SCRIPT
+    LOAD it on *every* master first, which fails while any one is down)."""
+
+    text: str
+
+    @property
+    def sha(self) -> str:
+        return hashlib.sha1(self.text.encode()).hexdigest()
+
+    async def __call__(
+        self, client: RedisCluster, keys: Sequence[str], args: Sequence[str | int]
+    ) -> object:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await client.eval(self.text, len(keys), *keys, *args)
+
+
 class RedisClusterPresenceStore:
     """:class:`domain.ports.PresenceStore` on a Redis Cluster."""
 
@@ -143,15 +167,14 @@ class RedisClusterPresenceStore:
         self._timeout = timeout
         self._prefix = registry_prefix
         self._owns_client = False
-        register = client.register_script
-        self._opened: AsyncScript = register(_OPENED)
-        self._closed: AsyncScript = register(_CLOSED)
-        self._set: AsyncScript = register(_SET)
-        self._count: AsyncScript = register(_COUNT)
-        self._keep_alive: AsyncScript = register(_KEEP_ALIVE)
-        self._claim: AsyncScript = register(_CLAIM)
-        self._reap_user: AsyncScript = register(_REAP_USER)
-        self._forget: AsyncScript = register(_FORGET)
+        self._opened = Script(_OPENED)
+        self._closed = Script(_CLOSED)
+        self._set = Script(_SET)
+        self._count = Script(_COUNT)
+        self._keep_alive = Script(_KEEP_ALIVE)
+        self._claim = Script(_CLAIM)
+        self._reap_user = Script(_REAP_USER)
+        self._forget = Script(_FORGET)
 
     @classmethod
     def from_url(
@@ -186,12 +209,11 @@ class RedisClusterPresenceStore:
         return f"{self._prefix}instances"
 
     async def _call(
-        self, what: str, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int]
+        self, what: str, script: Script, keys: Sequence[str], args: Sequence[str | int]
     ) -> object:
         with unavailable_as(f"presence {what}", self._timeout):
             await cluster_ready(self._client)
-            result: object = await script(keys=keys, args=args)
-        return result
+            return await script(self._client, keys, args)
 
     def _change(self, user_id: UserId, result: object) -> PresenceChange:
         if not isinstance(result, list) or len(result) < 2:
@@ -221,9 +243,12 @@ class RedisClusterPresenceStore:
         assert isinstance(result, list)
         owner = _text(result[2]) if len(result) > 2 else ""
         if owner:
-            await self._call(
-                "session_closed", self._count, [self.instance_users_key(owner)], [user_id, -1]
-            )
+            users = self.instance_users_key(owner)
+            try:
+                await self._call("session_closed", self._count, [users], [user_id, -1])
+            except BackendUnavailable as exc:
+                # The change happened: report it. A count left too high is harmless.
+                logger.warning("presence: %s not counted down for %s: %s", users, user_id, exc)
         return change
 
     async def set_status(self, user_id: UserId, status: Status) -> PresenceChange:
