@@ -30,46 +30,29 @@ connection (a master down makes the instance unready: docs/OPERATIONS.md).
 from __future__ import annotations
 
 import logging
-import random
 from collections import defaultdict
-from collections.abc import Iterable
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
-from redis.asyncio import Redis
-from redis.exceptions import AskError, MovedError, ResponseError
 
-from adapters.redis._common import UNAVAILABLE_ERRORS, create_client, unavailable_as
+from adapters.redis._common import unavailable_as
+from adapters.redis.cluster_loops import ShardLoops
+from adapters.redis.cluster_router import SlotRouter
 from adapters.redis.cluster_shard import (
-    PING,
-    SUBSCRIBE,
-    UNSUBSCRIBE,
     ShardSession,
     SlotMap,
-    channel_slot,
-    node_url,
-    url_address,
 )
 from adapters.redis.subscriber import (
-    _FOREVER,
-    RESYNC,
-    SESSION_ERRORS,
     BrokerStats,
     disconnect,
-    subscriber_connection,
-    watchdog,
-    write,
 )
 from domain.ports import BackendUnavailable, MessageHandler
 
 logger = logging.getLogger(__name__)
 
-#: A node that cannot tell the slot map (down, or not a cluster node): ask the next.
-_MAP_ERRORS: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, ResponseError)
 
-
-class RedisClusterBroker:
+class RedisClusterBroker(ShardLoops):
     """:class:`domain.ports.Broker` on Redis Cluster sharded pub/sub. Arguments as
     :class:`~.broker.RedisBroker`'s; ``refresh_interval``: how often the slot map is
     read again when nothing asked for it."""
@@ -94,7 +77,6 @@ class RedisClusterBroker:
         if ping_interval <= 0 or ping_timeout <= 0:
             raise ValueError("ping_interval and ping_timeout must be positive")
         self._url = url
-        self._seed = url_address(url)
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._connect_timeout = connect_timeout
@@ -105,11 +87,14 @@ class RedisClusterBroker:
         self._reconnect_max = reconnect_max
         self._refresh_interval = refresh_interval
         self._batch = resubscribe_batch
-        self._max_connections = max_connections
         self._client_name = client_name
-        self._clients: dict[str, Redis] = {}
-        self._map: SlotMap | None = None
-        self._slots: dict[str, int] = {}
+        self._router = SlotRouter(
+            url,
+            timeout=publish_timeout,
+            connect_timeout=connect_timeout,
+            max_connections=max_connections,
+            on_moved=self._moved,
+        )
         self._sessions: dict[str, ShardSession] = {}
         self._runners: dict[str, anyio.CancelScope] = {}
         self._wanted: set[str] = set()
@@ -118,7 +103,6 @@ class RedisClusterBroker:
         self._dirty: set[str] = set()
         self._write_lock = anyio.Lock()
         self._wake = anyio.Event()
-        self._stale = True
         self._resync: set[str] = set()
         #: Per shard: until when a publish fails at once (the shard is down).
         self._blocked: dict[str, float] = {}
@@ -132,7 +116,7 @@ class RedisClusterBroker:
     # -- the port -------------------------------------------------------------
 
     def is_healthy(self) -> bool:
-        slot_map = self._map
+        slot_map = self._router.map
         if self._closed or slot_map is None:
             return False
         for address in slot_map.masters():
@@ -151,7 +135,7 @@ class RedisClusterBroker:
             raise BackendUnavailable(f"broker unavailable (shard {owner} reconnecting)")
         try:
             with unavailable_as(f"SPUBLISH {channel}", self._publish_timeout):
-                await self._spublish(channel, payload)
+                await self._router.spublish(channel, payload)
         except BackendUnavailable:
             self.stats.publish_failures += 1
             if not self._shard_live(owner):
@@ -229,9 +213,7 @@ class RedisClusterBroker:
         for session in list(self._sessions.values()):
             session.fail("broker closed")
             await disconnect(session.conn)
-        with anyio.CancelScope(shield=True):
-            for client in self._clients.values():
-                await client.aclose()
+        await self._router.aclose()
 
     async def __aenter__(self) -> RedisClusterBroker:
         return self
@@ -245,7 +227,7 @@ class RedisClusterBroker:
 
     @property
     def slot_map(self) -> SlotMap | None:
-        return self._map
+        return self._router.map
 
     def is_live_on(self, channel: str, address: str) -> bool:
         """Whether the channel is live on that master's connection (tests, metrics)."""
@@ -258,16 +240,8 @@ class RedisClusterBroker:
         if self._closed:
             raise BackendUnavailable("broker closed")
 
-    def _slot(self, channel: str) -> int:
-        slot = self._slots.get(channel)
-        if slot is None:
-            if len(self._slots) > 100_000:
-                self._slots.clear()
-            slot = self._slots[channel] = channel_slot(channel)
-        return slot
-
     def _owner(self, channel: str) -> str | None:
-        return None if self._map is None else self._map.owner(self._slot(channel))
+        return self._router.owner(channel)
 
     def _shard_live(self, address: str) -> bool:
         session = self._sessions.get(address)
@@ -278,68 +252,13 @@ class RedisClusterBroker:
         session = self._sessions.get(owner) if owner is not None else None
         return session is not None and channel in session.live
 
-    def _client(self, address: str) -> Redis:
-        client = self._clients.get(address)
-        if client is None:
-            client = self._clients[address] = create_client(
-                node_url(self._url, address),
-                timeout=self._publish_timeout,
-                connect_timeout=min(self._connect_timeout, self._publish_timeout),
-                max_connections=self._max_connections,
-            )
-        return client
+    def _moved(self, slot: int) -> None:
+        self._resync.update(c for c in self._wanted if self._router.slot(c) == slot)
+        self._wake_up()
 
-    def _moved(self, slot: int, address: str) -> None:
-        if self._map is not None and self._map.owner(slot) != address:
-            self._map = self._map.moved(slot, address)
-            self._resync.update(c for c in self._wanted if self._slot(c) == slot)
-        self._wake_up(stale=True)
-
-    def _wake_up(self, *, stale: bool = False) -> None:
-        self._stale = self._stale or stale
+    def _wake_up(self) -> None:
+        """Have the maintainer read the slot map and re-route now."""
         self._wake.set()
-
-    async def _spublish(self, channel: str, payload: bytes) -> None:
-        if self._map is None:
-            await self._refresh_map()
-        slot = self._slot(channel)
-        for _ in range(3):
-            address = self._owner(channel)
-            if address is None:
-                raise ConnectionError(f"no master serves slot {slot}")
-            try:
-                await self._client(address).spublish(channel, payload)
-                return
-            except MovedError as exc:
-                self._moved(exc.slot_id, f"{exc.host}:{exc.port}")
-            except AskError as exc:
-                pipe = self._client(f"{exc.host}:{exc.port}").pipeline(transaction=False)
-                pipe.execute_command("ASKING")
-                pipe.execute_command("SPUBLISH", channel, payload)
-                await pipe.execute()
-                return
-        raise ConnectionError(f"SPUBLISH {channel}: too many redirections")
-
-    async def _refresh_map(self) -> bool:
-        """Read the slot map from the first node that answers; True if it changed."""
-        known = [self._seed, *sorted(self._map.masters() if self._map else ())]
-        failure = "no node"
-        for address in dict.fromkeys(known):
-            try:
-                with anyio.fail_after(self._publish_timeout):
-                    reply = await self._client(address).execute_command(  # type: ignore[no-untyped-call]
-                        "CLUSTER SLOTS"
-                    )
-            except _MAP_ERRORS as exc:
-                failure = f"{address}: {type(exc).__name__}: {exc}"
-                continue
-            new = SlotMap.parse(reply)
-            self._stale = False
-            if new == self._map:
-                return False
-            self._map = new
-            return True
-        raise ConnectionError(f"slot map: no node answered ({failure})")
 
     # -- the maintainer: slot map, shard runners, re-routing --------------------
 
@@ -347,14 +266,14 @@ class RedisClusterBroker:
         failures = 0
         while True:
             try:
-                if await self._refresh_map():
+                if await self._router.refresh():
                     self._resync.update(self._wanted)
                 failures = 0
             except ConnectionError as exc:
                 failures += 1
                 if failures == 1 or failures % 20 == 0:
                     logger.warning("cluster broker: %s", exc)
-            if self._map is not None:
+            if self._router.map is not None:
                 self._start_and_stop_runners(tg, handler)
             if self._resync:
                 channels, self._resync = self._resync, set()
@@ -367,194 +286,10 @@ class RedisClusterBroker:
             await anyio.sleep(0.02)  # a burst of MOVEDs costs one refresh
 
     def _start_and_stop_runners(self, tg: anyio.abc.TaskGroup, handler: MessageHandler) -> None:
-        assert self._map is not None
-        masters = self._map.masters()
+        assert self._router.map is not None
+        masters = self._router.map.masters()
         for address in masters - self._runners.keys():
             scope = self._runners[address] = anyio.CancelScope()
             tg.start_soon(self._run_shard, address, scope, handler)
         for address in self._runners.keys() - masters:
             self._runners.pop(address).cancel()
-
-    def _backoff(self, failures: int) -> float:
-        delay = min(self._reconnect_max, self._reconnect_base * 2.0 ** min(failures, 30))
-        return delay * random.uniform(0.5, 1.0)
-
-    async def _reconcile(self, channels: Iterable[str]) -> None:
-        """Caller holds the write lock. For each channel: SSUBSCRIBE on its owner if
-        wanted, SUNSUBSCRIBE on every other connection that has it; one command per
-        (shard, slot, kind)."""
-        commands: defaultdict[tuple[str, int, bool], list[str]] = defaultdict(list)
-        for channel in channels:
-            owner = self._owner(channel)
-            wanted = channel in self._wanted
-            for address, session in self._sessions.items():
-                if session.failure is None and session.send(channel, wanted and address == owner):
-                    commands[(address, self._slot(channel), session.sent[channel])].append(channel)
-        for (address, _, on), batch in sorted(commands.items()):
-            session = self._sessions[address]
-            for start in range(0, len(batch), self._batch):
-                part = batch[start : start + self._batch]
-                kind = SUBSCRIBE if on else UNSUBSCRIBE
-                session.sent_command(kind, part)
-                with anyio.CancelScope(shield=True):
-                    await write(session, self._write_timeout, kind.decode().upper(), *part)
-
-    async def _sync(self, channel: str) -> None:
-        """As the standalone broker's: the channels of one loop tick share commands."""
-        self._dirty.add(channel)
-        async with self._write_lock:
-            if channel not in self._dirty:
-                return
-            await anyio.lowlevel.checkpoint()
-            dirty, self._dirty = sorted(self._dirty), set()
-            await self._reconcile(dirty)
-
-    # -- one shard ----------------------------------------------------------------
-
-    async def _run_shard(
-        self, address: str, scope: anyio.CancelScope, handler: MessageHandler
-    ) -> None:
-        failures = 0
-        with scope:
-            while not self._closed:
-                became_healthy = await self._shard_session(address, handler)
-                failures = 0 if became_healthy else failures + 1
-                if failures == 1 or (failures and failures % 20 == 0):
-                    logger.warning("cluster broker: shard %s not live (%d)", address, failures)
-                self._wake_up(stale=True)
-                await anyio.sleep(self._backoff(failures))
-
-    async def _shard_session(self, address: str, handler: MessageHandler) -> bool:
-        conn_class, kwargs = subscriber_connection(
-            node_url(self._url, address), self._connect_timeout, self._client_name
-        )
-        conn = conn_class(**kwargs)
-        try:
-            with anyio.fail_after(self._connect_timeout):
-                await conn.connect()  # type: ignore[no-untyped-call]  # untyped in redis-py
-        except SESSION_ERRORS:
-            self.stats.connect_failures += 1
-            await disconnect(conn)
-            return False
-        except BaseException:
-            await disconnect(conn)
-            raise
-        session = ShardSession(conn=conn, last_progress=anyio.current_time(), address=address)
-        self._sessions[address] = session
-        try:
-            with session.scope:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._watchdog, session)
-                    tg.start_soon(self._resubscribe, session)
-                    await self._reader(session, handler)
-        finally:
-            if self._sessions.get(address) is session:
-                del self._sessions[address]
-            if (
-                session.healthy
-                and session.failure is not None
-                and session.handler_error is None
-                and not self._closed
-            ):
-                self.stats.outages += 1
-                logger.warning("cluster broker: shard %s lost: %s", address, session.failure)
-            await disconnect(conn)
-        if session.handler_error is not None:
-            # Ends run with that error (unwrapped, as the standalone broker does).
-            self._handler_error = session.handler_error
-            if self._run_scope is not None:
-                self._run_scope.cancel()
-            await anyio.sleep_forever()
-        return session.healthy
-
-    async def _resubscribe(self, session: ShardSession) -> None:
-        async with self._write_lock:
-            await self._reconcile(sorted(self._wanted))
-            session.sent_command(PING, [])
-            await write(session, self._write_timeout, "PING", RESYNC)
-
-    async def _watchdog(self, session: ShardSession) -> None:
-        async def ping() -> bool:
-            async with self._write_lock:
-                session.sent_command(PING, [])
-                return await write(session, self._write_timeout, "PING")
-
-        await watchdog(session, self._ping_interval, self._ping_timeout, ping)
-
-    async def _reader(self, session: ShardSession, handler: MessageHandler) -> None:
-        conn = session.conn
-        while session.failure is None:
-            try:
-                reply = await conn.read_response(timeout=_FOREVER, disconnect_on_error=False)
-            except ResponseError as exc:
-                session.last_progress = anyio.current_time()
-                self._on_error(session, exc)
-                continue
-            except SESSION_ERRORS as exc:
-                session.fail(f"read failed: {type(exc).__name__}: {exc}")
-                return
-            session.last_progress = anyio.current_time()
-            await self._on_reply(session, reply, handler)
-
-    def _on_error(self, session: ShardSession, exc: ResponseError) -> None:
-        channels = session.on_error()
-        if isinstance(exc, MovedError):
-            self._moved(exc.slot_id, f"{exc.host}:{exc.port}")
-        else:
-            logger.warning("cluster broker: shard %s refused: %s", session.address, exc)
-        self._resync.update(c for c in channels if c in self._wanted)
-        self._wake_up(stale=True)
-
-    async def _on_reply(
-        self, session: ShardSession, reply: object, handler: MessageHandler
-    ) -> None:
-        if isinstance(reply, bytes | str):  # PING outside subscribed mode
-            token = reply.encode() if isinstance(reply, str) else reply
-            self._on_pong(session, b"" if token == b"PONG" else token)
-            return
-        if not isinstance(reply, list) or len(reply) < 2:
-            session.fail(f"unexpected reply on a shard connection: {reply!r}")
-            return
-        kind, name = reply[0], reply[1]
-        if kind == b"smessage" and len(reply) == 3:
-            channel = name.decode("utf-8", "replace")
-            if channel not in self._wanted:
-                self.stats.messages_dropped += 1
-                return
-            self.stats.messages_received += 1
-            session.in_handler = True
-            try:
-                await handler(channel, bytes(reply[2]))
-            except Exception as exc:
-                session.handler_error = exc
-                session.fail(f"handler raised {exc!r}")
-            finally:
-                session.in_handler = False
-                session.last_progress = anyio.current_time()
-        elif kind in (SUBSCRIBE, UNSUBSCRIBE):
-            channel = name.decode("utf-8", "replace")
-            outcome = session.on_confirmation(kind, channel)
-            if outcome == "live" and self._owner(channel) == session.address:
-                event = self._events.pop(channel, None)
-                if event is not None:
-                    event.set()
-            elif outcome == "dropped" and channel in self._wanted:
-                self._resync.add(channel)
-                self._wake_up(stale=True)
-        elif kind == PING:
-            self._on_pong(session, bytes(name))
-        else:
-            session.fail(f"unexpected reply on a shard connection: {reply!r}")
-
-    def _on_pong(self, session: ShardSession, token: bytes) -> None:
-        session.on_pong()
-        if token != RESYNC:
-            session.ping_sent_at = None
-            return
-        session.healthy = True
-        self._blocked.pop(session.address, None)
-        self.stats.connects += 1
-        if session.address in self._ever_live:
-            self.stats.reconnects += 1
-            logger.warning("cluster broker: shard %s live again", session.address)
-        self._ever_live.add(session.address)

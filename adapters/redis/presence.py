@@ -18,7 +18,8 @@ instances in one script: it removes each one from ``P instances`` in the same st
 that closes its sessions, so concurrent reapers never return the same change twice.
 
 The scripts compute some key names (the reaped instances' and users' keys) inside
-Lua, which standalone Redis allows; a Redis Cluster deployment would need hash tags.
+Lua, which standalone Redis allows; on a Redis Cluster every script must stay in one
+slot: :mod:`adapters.redis.cluster_presence`.
 """
 
 from __future__ import annotations
