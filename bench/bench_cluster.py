@@ -12,7 +12,9 @@ Every backend is started here, throwaway, on free loopback ports (``redis-server
 
 Time runs from the first publish to the last delivery. Redis CPU is the delta of
 ``used_cpu_sys + used_cpu_user`` (INFO cpu) summed over the backend's nodes, per
-message published. Rounds alternate between the backends; the table has medians.
+message published, net of the nodes' idle CPU over the same time (measured first:
+cron, and with several masters the cluster bus). Rounds alternate between the
+backends; the table has medians.
 On a small machine the Python clients saturate the cores long before Redis does, so
 this shows the overhead of the cluster path, not its scale.
 
@@ -96,6 +98,13 @@ def redis_cpu(ports: list[int]) -> float:
     return total
 
 
+def idle_cpu_rate(ports: list[int], seconds: float = 2.0) -> float:
+    """Redis CPU seconds per second with no traffic (cron, and the cluster bus)."""
+    before = redis_cpu(ports)
+    time.sleep(seconds)
+    return (redis_cpu(ports) - before) / seconds
+
+
 async def one_round(
     factory: Factory,
     ports: list[int],
@@ -103,8 +112,10 @@ async def one_round(
     channels: int,
     subscribers: int,
     inflight: int,
+    idle_rate: float,
 ) -> tuple[float, float]:
-    """Messages per second (first publish to last delivery) and Redis CPU µs per message."""
+    """Messages per second (first publish to last delivery) and Redis CPU µs per message,
+    net of what the nodes spend idle over the same time."""
     names = [f"ws:server:bench-{uuid.uuid4().hex[:10]}" for _ in range(channels)]
     expected = messages * subscribers
     received = 0
@@ -148,7 +159,7 @@ async def one_round(
         with anyio.fail_after(120):
             await done.wait()
         elapsed = time.perf_counter() - start
-        cpu = redis_cpu(ports) - cpu_before
+        cpu = redis_cpu(ports) - cpu_before - idle_rate * elapsed
         for broker in [*brokers, publisher]:
             await broker.close()
         tg.cancel_scope.cancel()
@@ -170,6 +181,7 @@ def main() -> None:
             for masters in (1, 3):
                 directory = Path(tmp) / f"cluster{masters}"
                 backends[f"cluster, {masters} master(s)"] = start_cluster(directory, masters)
+            idle = {name: idle_cpu_rate(ports) for name, (_, ports, _) in backends.items()}
             results: dict[tuple[str, str], list[tuple[float, float]]] = {}
             for _ in range(args.rounds):
                 for name, (url, ports, _) in backends.items():
@@ -187,6 +199,7 @@ def main() -> None:
                             args.channels,
                             subscribers,
                             args.inflight,
+                            idle[name],
                         )
                         results.setdefault((scenario, name), []).append(figures)
         finally:
@@ -195,6 +208,10 @@ def main() -> None:
     print(
         f"{args.messages} messages over {args.channels} channels, {args.inflight} publishes "
         f"in flight, fan-out to {args.subscribers}; medians of {args.rounds} rounds"
+    )
+    print(
+        "idle Redis CPU subtracted (ms/s): "
+        + ", ".join(f"{name} {rate * 1000:.1f}" for name, rate in idle.items())
     )
     print(
         f"{'scenario':10} {'backend':22} {'messages/s':>11} {'deliveries/s':>13} "

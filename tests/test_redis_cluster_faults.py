@@ -356,3 +356,64 @@ async def test_presence_of_users_on_other_masters_while_one_is_down(
             assert change.after.value == "offline"
         await store.ping()
         print(f"presence after the restart: {failures} failed call(s) before it answered")
+
+
+async def test_a_gateway_on_the_cluster_keeps_serving_the_other_masters(
+    own_cluster: OwnCluster,
+) -> None:
+    """Black box: one master down, the instance is unready (503) and its clients keep
+    getting the events of servers whose channel lives elsewhere, from another service's
+    SPUBLISH; the master back, /readyz is 200 again by itself."""
+    from adapters.memory import MemoryDirectory
+    from tests.multi.conftest import World, config_from, redis_gateway_factory, serve_instance
+
+    await own_cluster.wait_ok()
+    probe = RedisClusterBroker(own_cluster.url)
+    await probe.publish("ws:server:cf-probe", b"")
+    slot_map = probe.slot_map
+    await probe.close()
+    assert slot_map is not None
+
+    def owner(key: str) -> str | None:
+        return slot_map.owner(channel_slot(key))
+
+    # A world whose user and server s1 live off one master (the victim).
+    while True:
+        world = World()
+        used = {
+            owner(k)
+            for k in (
+                f"ws:server:{world.s1}",
+                f"ws:user:{world.u1}",
+                f"presence:{world.u1}",
+            )
+        }
+        victims = [p for p in own_cluster.ports if own_cluster.address(p) not in used]
+        if victims:
+            break
+    victim = victims[0]
+    channel_owner = owner(f"ws:server:{world.s1}")
+    assert channel_owner is not None
+    config = config_from({"GATEWAY_REDIS_MODE": "cluster"})
+    factory = redis_gateway_factory(
+        own_cluster.url, MemoryDirectory(world.data()), config, "cluster"
+    )
+    publisher = own_cluster.node(int(channel_owner.rpartition(":")[2]))
+    try:
+        async with serve_instance("A", config, factory) as a:
+            await eventually(a.gateway.broker.is_healthy)
+            client = await a.login(world.u1)
+            await client.subscribe(world.s1)
+            own_cluster.kill(victim)
+            await a.wait_readyz(503)
+            envelope = b'{"event": {"op": "DURING", "d": 1}}'
+            assert await command(publisher, "SPUBLISH", f"ws:server:{world.s1}", envelope) == 1
+            await client.expect_event("DURING", 1)
+            own_cluster.restart(victim)
+            await a.wait_readyz(200, within=20.0)
+            envelope = b'{"event": {"op": "AFTER", "d": 2}}'
+            assert await command(publisher, "SPUBLISH", f"ws:server:{world.s1}", envelope) == 1
+            await client.expect_event("AFTER", 2)
+            await client.close()
+    finally:
+        await publisher.aclose()
