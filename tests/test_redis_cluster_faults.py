@@ -344,18 +344,20 @@ async def test_presence_of_users_on_other_masters_while_one_is_down(
         # caller retries an UNAVAILABLE, PROTOCOL 15); then everything answers. The
         # restarted master kept no data (no persistence here): its users read offline.
         failures = 0
+        reasons: set[str] = set()
         for user in on_victim:
             with anyio.fail_after(20):
                 while True:
                     try:
                         change = await store.session_closed(instance, user, f"s{users.index(user)}")
                         break
-                    except BackendUnavailable:
+                    except BackendUnavailable as exc:
                         failures += 1
+                        reasons.add(str(exc).split(":")[1].strip())
                         await anyio.sleep(0.1)
             assert change.after.value == "offline"
         await store.ping()
-        print(f"presence after the restart: {failures} failed call(s) before it answered")
+        print(f"presence after the restart: {failures} failed call(s) ({reasons}) first")
 
 
 async def test_a_gateway_on_the_cluster_keeps_serving_the_other_masters(
@@ -417,3 +419,70 @@ async def test_a_gateway_on_the_cluster_keeps_serving_the_other_masters(
             await client.close()
     finally:
         await publisher.aclose()
+
+
+async def test_subscribes_of_one_tick_share_one_command_per_slot(
+    own_cluster: OwnCluster,
+    pair: tuple[RedisClusterBroker, Recorder, RedisClusterBroker],
+) -> None:
+    """As the standalone broker coalesces a tick's SUBSCRIBEs, the cluster broker sends
+    one SSUBSCRIBE per slot (a sharded command may not span slots): 60 channels in 3
+    slots of one master, subscribed at once, are 3 commands there."""
+    subscriber, recorder, publisher = pair
+    slot_map = subscriber.slot_map
+    assert slot_map is not None
+    address = own_cluster.address(own_cluster.ports[0])
+    tags: list[str] = []
+    while len(tags) < 3:  # hash tags whose slots this master serves
+        tag = uuid.uuid4().hex[:8]
+        if slot_map.owner(channel_slot("{" + tag + "}")) == address:
+            tags.append(tag)
+    channels = [f"ws:server:{{{tag}}}-{i}" for tag in tags for i in range(20)]
+    node = own_cluster.node(own_cluster.ports[0])
+    try:
+        await command(node, "CONFIG", "RESETSTAT")
+        async with anyio.create_task_group() as tg:
+            for channel in channels:
+                tg.start_soon(subscriber.subscribe, channel)
+        stats = await command(node, "INFO", "commandstats")
+        assert stats["cmdstat_ssubscribe"]["calls"] == 3
+    finally:
+        await node.aclose()
+    for channel in channels:
+        await publisher.publish(channel, b"x")
+    await recorder.wait_until(lambda: len(recorder.received) >= len(channels))
+    assert sorted(c for c, _ in recorder.received) == sorted(channels)
+
+
+async def test_cluster_backends_start_while_no_node_answers() -> None:
+    """Cluster mode starts with every node down (as standalone does): nothing is
+    contacted at open; the broker is not live, and each call fails BackendUnavailable
+    within its bound instead of hanging or raising a library error."""
+    from adapters.redis import open_redis_backends
+
+    async with open_redis_backends("redis://127.0.0.1:1/0", call_timeout=0.5, mode="cluster") as (
+        broker,
+        typing_gate,
+        presence,
+    ):
+        received: list[bytes] = []
+
+        async def handler(_channel: str, payload: bytes) -> None:
+            received.append(payload)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(broker.run, handler)
+            await anyio.sleep(0.3)
+            assert not broker.is_healthy()
+            with anyio.fail_after(5):
+                for call in (
+                    broker.publish("ws:server:x", b"x"),
+                    typing_gate.claim("typing:c:u", 1000),
+                    presence.ping(),
+                    presence.session_opened("i", "u", "s"),
+                ):
+                    with pytest.raises(BackendUnavailable):
+                        await call
+            await broker.close()
+            tg.cancel_scope.cancel()
+    assert received == []
