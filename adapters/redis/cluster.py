@@ -22,9 +22,10 @@ before that are lost (at most once), messages on every other channel are not
 affected. ``is_healthy()`` is True while every master of the map has a live
 connection (a master down makes the instance unready: docs/OPERATIONS.md).
 
-``publish`` sends SPUBLISH to the slot's owner on a pooled connection, follows one
-``MOVED`` (the map is patched, then refreshed) or ``ASK``, and fails with
-``BackendUnavailable`` like the standalone broker.
+``publish`` sends SPUBLISH to the slot's owner on a pooled connection, follows
+``MOVED`` (the map is patched, then refreshed; three tries) and ``ASK``, and fails
+with ``BackendUnavailable`` like the standalone broker, at once while a publish to the
+same shard failed a moment ago and it is still down (other shards unaffected).
 """
 
 from __future__ import annotations
