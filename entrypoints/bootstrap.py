@@ -65,7 +65,10 @@ async def build_gateway(config: Config) -> AsyncIterator[Gateway]:
             from adapters.redis import open_redis_backends
 
             broker, typing_gate, presence = await stack.enter_async_context(
-                open_redis_backends(config.redis_url)
+                open_redis_backends(
+                    config.redis_url,
+                    mode="cluster" if config.redis_mode == "cluster" else "standalone",
+                )
             )
         else:
             broker = MemoryBrokerNetwork().client()

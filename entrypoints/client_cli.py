@@ -100,9 +100,18 @@ def _publish_http(base: str, key: str, body: dict[str, Any]) -> tuple[int, str]:
         return exc.code, exc.read().decode("utf-8", "replace")
 
 
-async def _publish_redis(url: str, channel: str, payload: bytes) -> int:
+async def _publish_redis(url: str, channel: str, payload: bytes, cluster: bool) -> int:
+    """PUBLISH, or SPUBLISH into a Redis Cluster (GATEWAY_REDIS_MODE=cluster, PROTOCOL
+    16: the receivers are then the instances listening on the channel's shard)."""
     import redis.asyncio as aioredis
 
+    if cluster:
+        cluster_client = aioredis.RedisCluster.from_url(url)
+        try:
+            shard_receivers: int = await cluster_client.spublish(channel, payload)
+            return shard_receivers
+        finally:
+            await cluster_client.aclose()
     client = aioredis.Redis.from_url(url)
     try:
         receivers: int = await client.publish(channel, payload)
@@ -154,7 +163,9 @@ def cmd_publish(args: argparse.Namespace, config: Config) -> int:
             else encode_envelope(event, args.channel, args.exclude)
         )
         try:
-            receivers = anyio.run(_publish_redis, args.redis, channel, payload)
+            receivers = anyio.run(
+                _publish_redis, args.redis, channel, payload, config.redis_mode == "cluster"
+            )
         except Exception as exc:
             print(f"gateway publish: Redis at {args.redis}: {exc}", file=sys.stderr)
             return 1

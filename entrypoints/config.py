@@ -19,6 +19,9 @@ DEV_JWT_SECRET = "dev-secret-do-not-use-in-production"
 DEV_API_KEY = "dev-api-key-do-not-use-in-production"
 
 
+REDIS_MODES = ("standalone", "cluster")
+
+
 class ConfigError(ValueError):
     pass
 
@@ -45,6 +48,8 @@ class Config:
     #: every connection the queue cannot hold waits for a SYN retransmit (1 s, 3 s, ...).
     listen_backlog: int = 2048
     redis_url: str | None = None
+    #: "standalone" or "cluster" (GATEWAY_REDIS_MODE, PROTOCOL 16).
+    redis_mode: str = "standalone"
     database_url: str | None = None
     fixtures: str | None = None
     jwt_secret: str | None = None
@@ -125,6 +130,12 @@ class Config:
         algorithms = tuple(
             a.strip() for a in env.get("GATEWAY_JWT_ALGORITHMS", "HS256").split(",") if a.strip()
         )
+        redis_mode = env.get("GATEWAY_REDIS_MODE", "").strip().lower() or "standalone"
+        if redis_mode not in REDIS_MODES:
+            raise ConfigError(
+                f"GATEWAY_REDIS_MODE must be one of {', '.join(REDIS_MODES)}, "
+                f"got {env.get('GATEWAY_REDIS_MODE')!r}"
+            )
         if any(a.lower() == "none" for a in algorithms):
             raise ConfigError("GATEWAY_JWT_ALGORITHMS may not contain 'none'")
         return cls(
@@ -133,6 +144,7 @@ class Config:
             workers=_int(env, "GATEWAY_WORKERS", 1, 1),
             listen_backlog=_int(env, "GATEWAY_LISTEN_BACKLOG", 2048, 1),
             redis_url=env.get("GATEWAY_REDIS_URL") or None,
+            redis_mode=redis_mode,
             database_url=env.get("GATEWAY_DATABASE_URL") or None,
             fixtures=env.get("GATEWAY_FIXTURES") or None,
             jwt_secret=env.get("GATEWAY_JWT_SECRET") or None,

@@ -1,5 +1,6 @@
 """Shared fixtures. Real backends come from GATEWAY_TEST_REDIS_URL and
-GATEWAY_TEST_DATABASE_URL (``scripts/test`` sets both); under
+GATEWAY_TEST_DATABASE_URL, a Redis Cluster from GATEWAY_TEST_REDIS_CLUSTER_URL
+(``scripts/test`` sets all three); under
 GATEWAY_REQUIRE_BACKENDS=1 or CI a missing one fails the run instead of skipping."""
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ def _backend_url(var: str, what: str) -> str:
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     return _backend_url("GATEWAY_TEST_REDIS_URL", "Redis")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> str:
+    """Any node of a Redis Cluster (scripts/test starts a 3-master one)."""
+    return _backend_url("GATEWAY_TEST_REDIS_CLUSTER_URL", "Redis Cluster")
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ import pytest
 
 from adapters.redis import RedisBroker, create_client, open_redis_backends
 from domain.model import Status
-from domain.ports import BackendUnavailable
+from domain.ports import BackendUnavailable, Broker
 from tests.support.net import TcpProxy
 
 pytestmark = pytest.mark.redis
@@ -88,11 +88,11 @@ async def eventually(predicate: Callable[[], bool]) -> float:
     return time.monotonic() - start
 
 
-async def wait_healthy(broker: RedisBroker) -> float:
+async def wait_healthy(broker: Broker) -> float:
     return await eventually(broker.is_healthy)
 
 
-async def wait_unhealthy(broker: RedisBroker) -> float:
+async def wait_unhealthy(broker: Broker) -> float:
     return await eventually(lambda: not broker.is_healthy())
 
 

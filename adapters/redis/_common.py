@@ -23,11 +23,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from redis.asyncio import BlockingConnectionPool, Redis
+import anyio
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisClusterException,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from domain.ports import BackendUnavailable
@@ -39,6 +46,11 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     RedisTimeoutError,
     ReadOnlyError,  # failover in progress: we talk to a replica
     OutOfMemoryError,
+    # Redis Cluster: a master down or failing over, a slot not served, the cluster
+    # unreachable at all (RedisClusterException is not a RedisError).
+    ClusterDownError,
+    TryAgainError,
+    RedisClusterException,
     OSError,
     TimeoutError,
 )
@@ -81,11 +93,54 @@ def create_client(
     return Redis.from_pool(pool)
 
 
+def create_cluster_client(
+    url: str,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    connect_timeout: float | None = None,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+) -> RedisCluster:
+    """:func:`create_client` for a Redis Cluster that ``url`` names any node of: the
+    same timeouts, RESP2 and no retries on a connection; a slot whose master is
+    down fails alone (``require_full_coverage=False``). Its redirections (MOVED,
+    ASK) are followed within ``timeout``. Close with ``await client.aclose()``."""
+    return RedisCluster.from_url(
+        url,
+        max_connections=max_connections,
+        socket_timeout=timeout,
+        socket_connect_timeout=connect_timeout if connect_timeout is not None else timeout,
+        socket_keepalive=True,
+        retry=Retry(NoBackoff(), 0),
+        require_full_coverage=False,
+        protocol=2,
+    )
+
+
+async def cluster_ready(client: Redis | RedisCluster) -> None:
+    """Before a command on a Redis Cluster client: (re)read the topology first if the
+    client needs to. Adjustment for redis-py 8.1's asyncio ``RedisCluster``: when
+    several commands start at once on a client that must initialize (new, or after a
+    connection error), some fail with "Connection lost" while the topology refresh
+    recycles the node's connections; initializing before the command, which waits
+    on the client's own lock, avoids that. A no-op when already initialized, and for
+    a standalone client."""
+    if isinstance(client, RedisCluster) and client._initialize:
+        await client.initialize()
+
+
 @contextmanager
-def unavailable_as(what: str) -> Iterator[None]:
+def unavailable_as(what: str, timeout: float | None = None) -> Iterator[None]:
     """Translate backend failures of the enclosed Redis call into
-    :class:`BackendUnavailable`. No deadline scope: the client's own bounds apply."""
+    :class:`BackendUnavailable`. No deadline scope unless ``timeout`` is given: the
+    standalone client's own bounds apply (pool wait and socket, kept apart). The
+    cluster adapters pass one: redis-py's ``RedisCluster`` follows redirections and
+    refreshes its topology inside a call, which its socket timeout alone does not
+    bound."""
     try:
-        yield
+        if timeout is None:
+            yield
+        else:
+            with anyio.fail_after(timeout):
+                yield
     except UNAVAILABLE_ERRORS as exc:
         raise BackendUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc

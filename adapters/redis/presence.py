@@ -21,7 +21,8 @@ one non-transactional pipeline of their EVALSHA calls (:mod:`adapters.redis.batc
 still one script per user and transition, one round trip for the batch.
 
 The scripts compute some key names (the reaped instances' and users' keys) inside
-Lua, which standalone Redis allows; a Redis Cluster deployment would need hash tags.
+Lua, which standalone Redis allows; on a Redis Cluster every script must stay in one
+slot: :mod:`adapters.redis.cluster_presence`.
 """
 
 from __future__ import annotations

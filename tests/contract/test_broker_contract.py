@@ -1,4 +1,6 @@
-"""The Broker port's contract, run against ``MemoryBroker`` and ``RedisBroker``.
+"""The Broker port's contract, run against ``MemoryBroker``, ``RedisBroker`` and
+``RedisClusterBroker`` (on a 3-master cluster: channels of one test fall on
+different masters).
 
 Every test gets a ``world``: a way to start broker instances on one shared network
 (one ``MemoryBrokerNetwork``, or one real Redis), each with ``run`` going and a
@@ -24,7 +26,8 @@ import anyio
 import pytest
 
 from adapters.memory import MemoryBroker, MemoryBrokerNetwork
-from adapters.redis import RedisBroker
+from adapters.redis import RedisBroker, RedisClusterBroker
+from adapters.redis.cluster_shard import channel_slot
 from domain.ports import Broker
 
 WAIT = 5.0  # seconds: generous bound for anything that should happen "now"
@@ -82,7 +85,7 @@ class BrokerWorld:
     async def close(self) -> None:
         for node in self.nodes:
             broker = node.broker
-            if isinstance(broker, RedisBroker):
+            if isinstance(broker, RedisBroker | RedisClusterBroker):
                 await broker.close()
             elif isinstance(broker, MemoryBroker):
                 broker.close()
@@ -93,11 +96,17 @@ class BrokerWorld:
                 await task
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def world(request: pytest.FixtureRequest) -> AsyncIterator[BrokerWorld]:
     factory: Callable[[], Broker]
     if request.param == "memory":
         factory = MemoryBrokerNetwork().client
+    elif request.param == "redis-cluster":
+        cluster_url: str = request.getfixturevalue("redis_cluster_url")
+
+        def factory() -> Broker:
+            return RedisClusterBroker(cluster_url, ping_interval=0.2, ping_timeout=1.0)
+
     else:
         url: str = request.getfixturevalue("redis_url")
 
@@ -228,9 +237,26 @@ async def test_order_is_preserved_for_one_publisher(world: BrokerWorld) -> None:
     assert node.payloads(channel) == sent
 
 
+def same_shard_channels(broker: Broker) -> list[str]:
+    """A server and a user channel: on a Redis Cluster, two that one master serves."""
+    first = channel_name()
+    if not isinstance(broker, RedisClusterBroker):
+        return [first, channel_name("user")]
+    slot_map = broker.slot_map
+    assert slot_map is not None
+    owner = slot_map.owner(channel_slot(first))
+    while True:
+        second = channel_name("user")
+        if slot_map.owner(channel_slot(second)) == owner:
+            return [first, second]
+
+
 async def test_order_across_channels_of_one_publisher(world: BrokerWorld) -> None:
+    """PROTOCOL 7's "in order per publisher", across channels. On a Redis Cluster it
+    holds for the channels of one master (one connection); PROTOCOL 16 reading:
+    across masters only each channel's own order holds (next test)."""
     node, publisher = await world.node(), await world.node()
-    channels = [channel_name(), channel_name("user")]
+    channels = same_shard_channels(node.broker)
     for channel in channels:
         await node.broker.subscribe(channel)
     sent = [(channels[i % 2], f"m{i}".encode()) for i in range(200)]
@@ -238,6 +264,29 @@ async def test_order_across_channels_of_one_publisher(world: BrokerWorld) -> Non
         await publisher.broker.publish(channel, payload)
     await node.wait_until(lambda: len(node.received) >= len(sent))
     assert node.received == sent
+
+
+async def test_order_per_channel_across_masters(world: BrokerWorld) -> None:
+    """Channels that live on different masters (of a Redis Cluster: elsewhere just
+    different channels): each keeps one publisher's order."""
+    node, publisher = await world.node(), await world.node()
+    channels = [channel_name() for _ in range(6)]
+    if isinstance(node.broker, RedisClusterBroker):  # two on each master
+        slot_map = node.broker.slot_map
+        assert slot_map is not None
+        by_master: dict[str | None, list[str]] = {m: [] for m in slot_map.masters()}
+        while any(len(cs) < 2 for cs in by_master.values()):
+            channel = channel_name()
+            by_master[slot_map.owner(channel_slot(channel))].append(channel)
+        channels = [c for cs in by_master.values() for c in cs[:2]]
+    for channel in channels:
+        await node.broker.subscribe(channel)
+    sent = [(channels[i % len(channels)], f"m{i}".encode()) for i in range(300)]
+    for channel, payload in sent:
+        await publisher.broker.publish(channel, payload)
+    await node.wait_until(lambda: len(node.received) >= len(sent))
+    for channel in channels:
+        assert node.payloads(channel) == [p for c, p in sent if c == channel]
 
 
 async def test_publish_with_no_subscribers_is_fine(world: BrokerWorld) -> None:

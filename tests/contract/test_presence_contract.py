@@ -17,9 +17,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
+from redis.asyncio import Redis, RedisCluster
 
 from adapters.memory import ManualClock, MemoryPresenceStore
-from adapters.redis import RedisPresenceStore, create_client
+from adapters.redis import (
+    RedisClusterPresenceStore,
+    RedisPresenceStore,
+    create_client,
+    create_cluster_client,
+)
 from domain.keys import presence_key
 from domain.model import PresenceChange, Status
 from domain.ports import BackendUnavailable, PresenceStore
@@ -47,7 +53,7 @@ class PresenceWorld:
         return user_id
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def world(request: pytest.FixtureRequest) -> AsyncIterator[PresenceWorld]:
     if request.param == "memory":
         clock = ManualClock()
@@ -63,11 +69,13 @@ async def world(request: pytest.FixtureRequest) -> AsyncIterator[PresenceWorld]:
         yield PresenceWorld("memory", memory, memory, advance_clock, memory_raw)
         return
 
-    url: str = request.getfixturevalue("redis_url")
+    cluster = request.param == "redis-cluster"
+    url: str = request.getfixturevalue("redis_cluster_url" if cluster else "redis_url")
     prefix = f"test-{uuid.uuid4().hex}:presence:"
-    raw = create_client(url)
-    store = RedisPresenceStore.from_url(url, registry_prefix=prefix)
-    other = RedisPresenceStore.from_url(url, registry_prefix=prefix)
+    raw: Redis | RedisCluster = (create_cluster_client if cluster else create_client)(url)
+    kind = RedisClusterPresenceStore if cluster else RedisPresenceStore
+    store: PresenceStore = kind.from_url(url, registry_prefix=prefix)
+    other: PresenceStore = kind.from_url(url, registry_prefix=prefix)
 
     async def sleep(seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -78,14 +86,17 @@ async def world(request: pytest.FixtureRequest) -> AsyncIterator[PresenceWorld]:
             return None
         return value.decode() if isinstance(value, bytes) else value
 
-    w = PresenceWorld("redis", store, other, sleep, redis_raw)
+    w = PresenceWorld(request.param, store, other, sleep, redis_raw)
     try:
         yield w
     finally:
-        keys = [k async for k in raw.scan_iter(match=f"{prefix}*")]
+        # Cluster: internal keys start with a hash tag, and the prefix follows it.
+        keys = [k async for k in raw.scan_iter(match=f"*{prefix}*")]
         keys += [presence_key(user) for user in w.users]
-        if keys:
-            await raw.delete(*keys)
+        for key in keys:
+            await raw.delete(key)
+        assert isinstance(store, RedisPresenceStore | RedisClusterPresenceStore)
+        assert isinstance(other, RedisPresenceStore | RedisClusterPresenceStore)
         await store.close()
         await other.close()
         await raw.aclose()

@@ -30,7 +30,7 @@ class TypingWorld:
     advance: Callable[[float], Awaitable[None]]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def world(request: pytest.FixtureRequest) -> AsyncIterator[TypingWorld]:
     if request.param == "memory":
         clock = ManualClock()
@@ -41,13 +41,14 @@ async def world(request: pytest.FixtureRequest) -> AsyncIterator[TypingWorld]:
         yield TypingWorld("memory", MemoryTypingGate(clock), advance_clock)
         return
 
-    url: str = request.getfixturevalue("redis_url")
+    cluster = request.param == "redis-cluster"
+    url: str = request.getfixturevalue("redis_cluster_url" if cluster else "redis_url")
 
     async def sleep(seconds: float) -> None:
         await asyncio.sleep(seconds)
 
-    async with RedisTypingGate.from_url(url) as gate:
-        yield TypingWorld("redis", gate, sleep)
+    async with RedisTypingGate.from_url(url, cluster=cluster) as gate:
+        yield TypingWorld(request.param, gate, sleep)
 
 
 @pytest.fixture

@@ -53,7 +53,7 @@ from websockets.exceptions import ConnectionClosed
 from adapters.clock import SystemClock
 from adapters.jwt import JwtIssuer
 from adapters.memory import MemoryDirectory
-from adapters.redis import RedisBroker, open_redis_backends
+from adapters.redis import RedisBroker, RedisClusterBroker, RedisMode, open_redis_backends
 from adapters.shell import Backends, Gateway, make_gateway
 from domain import keys
 from domain.fixtures import parse_directory
@@ -77,6 +77,7 @@ __all__ = [
     "Instance",
     "LiveClient",
     "RedisProbe",
+    "RedisTarget",
     "StartCluster",
     "TcpProxy",
     "World",
@@ -219,12 +220,41 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-class RedisProbe:
-    """A plain redis-py client: publishes like another service (PROTOCOL section 8)
-    and reads the keys of the external contract."""
+@dataclasses.dataclass(frozen=True)
+class RedisTarget:
+    """The Redis the instances of a test share: standalone, or a Redis Cluster
+    (PROTOCOL 16) that ``url`` names any node of."""
 
-    def __init__(self, url: str) -> None:
-        self.client: aioredis.Redis = aioredis.Redis.from_url(url)
+    mode: str
+    url: str
+
+    @property
+    def cluster(self) -> bool:
+        return self.mode == "cluster"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"GATEWAY_REDIS_URL": self.url, "GATEWAY_REDIS_MODE": self.mode}
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def redis_target(request: pytest.FixtureRequest) -> RedisTarget:
+    """Every multi-instance test that goes through ``probe`` or ``start_cluster`` runs
+    on both (a module whose tests need a proxy in front of one Redis overrides it)."""
+    if request.param == "cluster":
+        return RedisTarget("cluster", request.getfixturevalue("redis_cluster_url"))
+    return RedisTarget("standalone", request.getfixturevalue("redis_url"))
+
+
+class RedisProbe:
+    """A plain redis-py client: publishes like another service (PROTOCOL section 8,
+    or 16: SPUBLISH into a cluster) and reads the keys of the external contract."""
+
+    def __init__(self, url: str, cluster: bool = False) -> None:
+        self.cluster = cluster
+        self.client: Any = (
+            aioredis.RedisCluster.from_url(url) if cluster else aioredis.Redis.from_url(url)
+        )
 
     async def publish_server(
         self,
@@ -241,6 +271,9 @@ class RedisProbe:
         return await self.publish_raw(keys.user_channel(user_id), json.dumps({"event": event}))
 
     async def publish_raw(self, channel: str, payload: str | bytes) -> int:
+        if self.cluster:
+            shard_receivers: int = await self.client.spublish(channel, payload)
+            return shard_receivers
         receivers: int = await self.client.publish(channel, payload)
         return receivers
 
@@ -260,6 +293,11 @@ class RedisProbe:
 
     async def numsub(self, channel: str) -> int:
         """How many Redis subscriber connections listen on ``channel``."""
+        if self.cluster:
+            await self.client.initialize()
+            node = self.client.get_node_from_key(channel)
+            ((_, shard_count),) = await self.client.pubsub_shardnumsub(channel, target_nodes=node)
+            return int(shard_count)
         ((_, count),) = await self.client.pubsub_numsub(channel)
         return int(count)
 
@@ -288,8 +326,13 @@ class RedisProbe:
                 raise AssertionError(f"{user_id}: sessions {sessions}, expected {expected}")
             await asyncio.sleep(0.02)
 
+    def sessions_key(self, user_id: str) -> str:
+        if self.cluster:
+            return "{" + keys.presence_key(user_id) + "}:gw:presence:sessions"
+        return f"gw:presence:sessions:{user_id}"
+
     async def sessions(self, user_id: str) -> dict[str, str]:
-        raw = await self.client.hgetall(f"gw:presence:sessions:{user_id}")
+        raw = await self.client.hgetall(self.sessions_key(user_id))
         return {_text(k): _text(v) for k, v in raw.items()}
 
     async def assert_no_presence(self, world: World) -> None:
@@ -306,18 +349,19 @@ class RedisProbe:
         """Delete every key of the world's users (after a test that killed a process)."""
         names: list[str] = []
         for user_id in world.users:
-            names += [keys.presence_key(user_id), f"gw:presence:sessions:{user_id}"]
+            names += [keys.presence_key(user_id), self.sessions_key(user_id)]
         async for key in self.client.scan_iter(match=f"typing:*-{world.tag}:*"):
             names.append(key.decode())
-        await self.client.delete(*names)
+        for name in names:  # one by one: a cluster refuses a DEL across slots
+            await self.client.delete(name)
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
 
 @pytest.fixture
-async def probe(redis_url: str) -> AsyncIterator[RedisProbe]:
-    p = RedisProbe(redis_url)
+async def probe(redis_target: RedisTarget) -> AsyncIterator[RedisProbe]:
+    p = RedisProbe(redis_target.url, redis_target.cluster)
     try:
         yield p
     finally:
@@ -489,9 +533,9 @@ class Instance(Endpoint):
         return gateway
 
     @property
-    def broker(self) -> RedisBroker:
+    def broker(self) -> RedisBroker | RedisClusterBroker:
         broker = self.gateway.broker
-        assert isinstance(broker, RedisBroker)
+        assert isinstance(broker, RedisBroker | RedisClusterBroker)
         return broker
 
     async def assert_clean(self) -> None:
@@ -505,7 +549,7 @@ class Instance(Endpoint):
         assert gateway.snapshot().users == {}, gateway.snapshot().users
         assert gateway.snapshot().interest == {}, gateway.snapshot().interest
         broker = gateway.broker
-        if isinstance(broker, RedisBroker):
+        if isinstance(broker, RedisBroker | RedisClusterBroker):
             # Only the instance's RESUME handoff channels (gw:*) stay subscribed.
             await eventually(
                 lambda: all(c.startswith("gw:") for c in broker.subscribed_channels),
@@ -518,14 +562,19 @@ def config_from(env: Mapping[str, str] | None = None) -> Config:
 
 
 def redis_gateway_factory(
-    redis_url: str, directory: MemoryDirectory, config: Config
+    redis_url: str, directory: MemoryDirectory, config: Config, mode: str = "standalone"
 ) -> GatewayFactory:
     """A factory for one instance: its own Redis broker, typing gate and presence
     store (its own connections and instance id), and the shared ``directory``."""
+    redis_mode: RedisMode = "cluster" if mode == "cluster" else "standalone"
 
     @asynccontextmanager
     async def factory() -> AsyncIterator[Gateway]:
-        async with open_redis_backends(redis_url) as (broker, typing_gate, presence):
+        async with open_redis_backends(redis_url, mode=redis_mode) as (
+            broker,
+            typing_gate,
+            presence,
+        ):
             backends = Backends(
                 broker, typing_gate, presence, directory, make_verifier(config), SystemClock()
             )
@@ -621,7 +670,7 @@ class StartCluster(Protocol):
 
 @pytest.fixture
 async def start_cluster(
-    redis_url: str, world: World, probe: RedisProbe
+    redis_target: RedisTarget, world: World, probe: RedisProbe
 ) -> AsyncIterator[StartCluster]:
     """Start ``size`` instances (A, B, C, ...); at the end of the test every client
     is closed and nothing may be left: no routing, broker subscription or presence
@@ -634,7 +683,9 @@ async def start_cluster(
             config = config_from(env)
             for i in range(size):
                 name = "ABCDEFGH"[i]
-                factory = redis_gateway_factory(redis_url, cluster.directory, config)
+                factory = redis_gateway_factory(
+                    redis_target.url, cluster.directory, config, redis_target.mode
+                )
                 instance = await stack.enter_async_context(serve_instance(name, config, factory))
                 await eventually(instance.gateway.broker.is_healthy, what=f"{name} broker live")
                 cluster.instances.append(instance)

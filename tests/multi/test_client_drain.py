@@ -25,7 +25,7 @@ from entrypoints.client import (
     GatewayClient,
     connect,
 )
-from tests.multi.conftest import WAIT, RedisProbe, StartCluster, World
+from tests.multi.conftest import WAIT, RedisProbe, RedisTarget, StartCluster, World
 
 pytestmark = pytest.mark.redis
 
@@ -143,7 +143,7 @@ async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
 
 
 async def test_gateway_publish_redis_reaches_clients_on_every_instance(
-    start_cluster: StartCluster, world: World, redis_url: str
+    start_cluster: StartCluster, world: World, redis_target: RedisTarget
 ) -> None:
     a, b = await start_cluster(2)
     async with (
@@ -158,8 +158,8 @@ async def test_gateway_publish_redis_reaches_clients_on_every_instance(
             "HELLO_WORLD",
             '{"via": "redis"}',
             "--redis",
-            redis_url,
-            env={},
+            redis_target.url,
+            env={"GATEWAY_REDIS_MODE": redis_target.mode},
         )
         assert code == 0, err
         assert f"ws:server:{world.s1}" in out and "(2 gateway instances listening)" in out
@@ -167,7 +167,14 @@ async def test_gateway_publish_redis_reaches_clients_on_every_instance(
             events = await dispatches_until(client, "HELLO_WORLD")
             assert events[-1].d == {"via": "redis"}
         code, out, err = await run_cli(
-            "publish", "--user", world.u2, "DM", "[1]", "--redis", redis_url, env={}
+            "publish",
+            "--user",
+            world.u2,
+            "DM",
+            "[1]",
+            "--redis",
+            redis_target.url,
+            env={"GATEWAY_REDIS_MODE": redis_target.mode},
         )
         assert code == 0, err
         assert (await dispatches_until(on_b, "DM"))[-1].d == [1]

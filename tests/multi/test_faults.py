@@ -21,6 +21,7 @@ from tests.multi.conftest import (
     Instance,
     LiveClient,
     RedisProbe,
+    RedisTarget,
     TcpProxy,
     World,
     config_from,
@@ -31,6 +32,13 @@ from tests.multi.conftest import (
 )
 
 pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def redis_target(redis_url: str) -> RedisTarget:
+    """Standalone only: a proxy stands in front of one Redis server (the cluster's
+    faults are tests/multi/test_cluster_faults.py)."""
+    return RedisTarget("standalone", redis_url)
 
 #: A PUBLISH that timed out while Redis hung may still be applied when it resumes (the
 #: proxy, like a hung server, holds the bytes): its event may then arrive late, once.

@@ -22,6 +22,7 @@ from tests.multi.conftest import (
     GatewayProcess,
     LiveClient,
     RedisProbe,
+    RedisTarget,
     World,
     quiet,
     spawn_gateway,
@@ -37,8 +38,8 @@ def presence_update(user_id: str, server_id: str, status: str) -> dict[str, str]
     return {"userId": user_id, "serverId": server_id, "status": status}
 
 
-def base_env(redis_url: str, world: World, tmp_path: Path) -> dict[str, str]:
-    return {"GATEWAY_REDIS_URL": redis_url, "GATEWAY_FIXTURES": world.write(tmp_path)}
+def base_env(redis: RedisTarget, world: World, tmp_path: Path) -> dict[str, str]:
+    return {**redis.env, "GATEWAY_FIXTURES": world.write(tmp_path)}
 
 
 @asynccontextmanager
@@ -58,9 +59,9 @@ async def expect_all(clients: list[LiveClient], op: str, d: object) -> None:
 
 
 async def test_two_processes_behave_like_one_gateway(
-    redis_url: str, world: World, probe: RedisProbe, tmp_path: Path
+    redis_target: RedisTarget, world: World, probe: RedisProbe, tmp_path: Path
 ) -> None:
-    async with two_processes(base_env(redis_url, world, tmp_path), tmp_path) as (p1, p2):
+    async with two_processes(base_env(redis_target, world, tmp_path), tmp_path) as (p1, p2):
         watcher_1 = await p1.login(world.u3)  # s1 and s2, no access to c3
         watcher_2 = await p2.login(world.u2)  # s1 and s2, mod: reads c3
         watchers = [watcher_1, watcher_2]
@@ -130,10 +131,10 @@ async def test_two_processes_behave_like_one_gateway(
 
 
 async def test_killed_process_users_go_offline_on_the_survivor(
-    redis_url: str, world: World, probe: RedisProbe, tmp_path: Path
+    redis_target: RedisTarget, world: World, probe: RedisProbe, tmp_path: Path
 ) -> None:
     env = {
-        **base_env(redis_url, world, tmp_path),
+        **base_env(redis_target, world, tmp_path),
         "GATEWAY_HEARTBEAT_TIMEOUT_MS": str(HEARTBEAT_TIMEOUT_MS),
         "GATEWAY_HEARTBEAT_SWEEP_MS": "500",
     }
@@ -196,9 +197,9 @@ async def test_killed_process_users_go_offline_on_the_survivor(
 
 
 async def test_workers_share_one_port_and_drain_on_sigterm(
-    redis_url: str, world: World, probe: RedisProbe, tmp_path: Path
+    redis_target: RedisTarget, world: World, probe: RedisProbe, tmp_path: Path
 ) -> None:
-    env = base_env(redis_url, world, tmp_path)
+    env = base_env(redis_target, world, tmp_path)
     try:
         async with spawn_gateway("W", env, tmp_path, workers=2) as gw:
             # /readyz answered: one worker serves. Wait for the other one too.
