@@ -1,5 +1,5 @@
 """Virtual time for the simulation: both clocks of :class:`domain.ports.Clock` follow the
-event loop's clock, which ``looptime`` moves forward only when every task is waiting."""
+event loop's clock, which :mod:`simulation.loop` moves forward only when every task is waiting."""
 
 from __future__ import annotations
 
