@@ -23,8 +23,9 @@ import asyncio
 import heapq
 from asyncio import events
 from collections.abc import Callable
+from concurrent.futures import Executor
 from contextvars import Context
-from typing import Any
+from typing import TypeVar, TypeVarTuple, Unpack
 
 #: asyncio's own constants (base_events): cleanup of cancelled timers, longest wait.
 _MIN_SCHEDULED_TIMER_HANDLES = 100
@@ -32,6 +33,10 @@ _MIN_CANCELLED_TIMER_HANDLES_FRACTION = 0.5
 _MAXIMUM_SELECT_TIMEOUT = 24 * 3600
 #: Ticks per second of the virtual clock (looptime's default resolution, 1 µs).
 TICKS = 1_000_000
+
+
+_T = TypeVar("_T")
+_Ts = TypeVarTuple("_Ts")
 
 
 class Deadlock(RuntimeError):
@@ -43,8 +48,9 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     def __init__(self, start: float = 0.0) -> None:
         super().__init__()
-        self._ticks = round(start * TICKS)
-        self._now = self._ticks / TICKS
+        #: The clock in whole microseconds; ``time()`` is ``ticks / TICKS``.
+        self.ticks = round(start * TICKS)
+        self._now = self.ticks / TICKS
         self._timers: list[tuple[float, asyncio.TimerHandle]] = []
         #: looptime's idle-cycle count while nothing is ready (None: not idling)
         self._idle: int | None = None
@@ -56,19 +62,24 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def time(self) -> float:
         return self._now
 
-    def run_in_executor(self, executor: Any, func: Callable[..., Any], *args: Any) -> Any:
+    def run_in_executor(
+        self,
+        executor: Executor | None,
+        func: Callable[[Unpack[_Ts]], _T],
+        *args: *_Ts,
+    ) -> asyncio.Future[_T]:
         raise RuntimeError("virtual time refuses executors: a thread would wait for real time")
 
     def call_at(
         self,
         when: float,
-        callback: Callable[..., object],
-        *args: Any,
+        callback: Callable[[Unpack[_Ts]], object],
+        *args: *_Ts,
         context: Context | None = None,
     ) -> asyncio.TimerHandle:
         if when is None:
             raise TypeError("when cannot be None")
-        self._check_closed()
+        self._check_closed()  # type: ignore[attr-defined]
         timer = events.TimerHandle(when, callback, args, self, context)
         heapq.heappush(self._timers, (when, timer))
         timer._scheduled = True  # type: ignore[attr-defined]
@@ -84,8 +95,8 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         step = round(timeout * TICKS)
         if timeout < 1 / TICKS:
             step += 1
-        self._ticks += step
-        self._now = self._ticks / TICKS
+        self.ticks += step
+        self._now = self.ticks / TICKS
         self.jumps += 1
 
     def _run_once(self) -> None:
@@ -96,12 +107,12 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         count = len(timers)
         if (
             count > _MIN_SCHEDULED_TIMER_HANDLES
-            and self._timer_cancelled_count / count  # type: ignore[attr-defined]
+            and self._timer_cancelled_count / count  # type: ignore[has-type]
             > _MIN_CANCELLED_TIMER_HANDLES_FRACTION
         ):
             kept = []
             for entry in timers:
-                if entry[1]._cancelled:  # type: ignore[attr-defined]
+                if entry[1]._cancelled:
                     entry[1]._scheduled = False  # type: ignore[attr-defined]
                 else:
                     kept.append(entry)
@@ -109,7 +120,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
             self._timers = timers = kept
             self._timer_cancelled_count = 0
         else:
-            while timers and timers[0][1]._cancelled:  # type: ignore[attr-defined]
+            while timers and timers[0][1]._cancelled:
                 self._timer_cancelled_count -= 1
                 heapq.heappop(timers)[1]._scheduled = False  # type: ignore[attr-defined]
 

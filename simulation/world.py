@@ -207,7 +207,7 @@ class World:
         self.verifier = JwtVerifier(secret=JWT_SECRET)
         self._tokens: dict[str, str] = {}
         self.faults = FaultLog()
-        self.trace = Trace(self.now)
+        self.trace = Trace()
         self.checker = Checker(
             population=self.population,
             settings=self.settings,
@@ -457,8 +457,11 @@ class World:
     # --- the run ----------------------------------------------------------------------
 
     async def main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self.clock.bind(self._loop)
+        self._loop = loop = asyncio.get_running_loop()
+        if not isinstance(loop, VirtualTimeLoop):
+            raise RuntimeError("the simulation runs on simulation.loop.VirtualTimeLoop")
+        self.clock.bind(loop)
+        self.trace.bind(loop)
         self._stop = asyncio.Event()
         stop = self._stop
         self.checker.on_stop = stop.set
@@ -515,10 +518,7 @@ class World:
 
     def report(self, wall: float, cpu: float, loop: VirtualTimeLoop) -> SimReport:
         checker = self.checker
-        gateway_deliveries = 0
-        for instance in self.instances:
-            value = instance.gateway.metrics.registry.get_sample_value("gateway_deliveries_total")
-            gateway_deliveries += int(value or 0)
+        gateway_deliveries = sum(i.gateway.metrics.hot.deliveries for i in self.instances)
         return SimReport(
             config=self.config,
             digest=self.trace.digest(),
