@@ -156,5 +156,17 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         popleft = ready.popleft
         for _ in range(todo):
             handle = popleft()
-            if not handle._cancelled:
-                handle._run()
+            if handle._cancelled:
+                continue
+            try:  # Handle._run, inlined
+                handle._context.run(handle._callback, *handle._args)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self.call_exception_handler(
+                    {
+                        "message": f"Exception in callback {handle._callback!r}",
+                        "exception": exc,
+                        "handle": handle,
+                    }
+                )
