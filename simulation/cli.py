@@ -115,7 +115,7 @@ def print_report(report: SimReport, out: TextIO) -> None:
         f"virtual time       {report.virtual_seconds:.1f} s ({config.active_seconds:g} s active "
         f"+ up to {config.tail_seconds:g} s for the last timers)\n"
     )
-    w(f"wall time          {report.wall_seconds:.2f} s\n")
+    w(f"wall time          {report.wall_seconds:.2f} s (CPU {report.cpu_seconds:.2f} s)\n")
     closes = ", ".join(f"{k}={v}" for k, v in report.closes.items())
     w(f"connections        {report.connections} opened; closes: {closes}\n")
     external = sum(v for k, v in report.external.items() if k.endswith(" ok"))
@@ -129,6 +129,11 @@ def print_report(report: SimReport, out: TextIO) -> None:
     w(
         f"deliveries         {report.deliveries} events received by clients "
         f"({report.gateway_deliveries} queued by the gateways; {report.frames} frames in all)\n"
+    )
+    per_frame = report.loop_callbacks / max(1, report.frames)
+    w(
+        f"event loop         {report.loop_iterations} iterations, {report.loop_callbacks} "
+        f"callbacks ({per_frame:.2f} per frame), {report.clock_jumps} clock jumps\n"
     )
     faults = ", ".join(f"{k}={v}" for k, v in report.faults.items()) or "none"
     w(f"faults injected    {sum(report.faults.values())} ({faults})\n")

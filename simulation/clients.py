@@ -30,6 +30,17 @@ def _frame(op: str, d: object) -> str:
     return json.dumps({"op": op, "d": d}, separators=(",", ":"))
 
 
+_FRAMES: dict[tuple[str, str, str], str] = {}
+
+
+def _frame1(op: str, key: str, value: str) -> str:
+    """``{"op":op,"d":{key:value}}``, encoded once per distinct frame."""
+    text = _FRAMES.get((op, key, value))
+    if text is None:
+        text = _FRAMES[op, key, value] = _frame(op, {key: value})
+    return text
+
+
 class VirtualClient:
     def __init__(self, world: World, index: int, user: str, rng: random.Random) -> None:
         self.world = world
@@ -155,7 +166,7 @@ class VirtualClient:
     # --- protocol ---------------------------------------------------------------------
 
     def _identify(self, conn: Conn) -> None:
-        text = _frame("IDENTIFY", {"token": self.world.token(self.user)})
+        text = _frame1("IDENTIFY", "token", self.world.token(self.user))
         self.world.checker.sent_identify(conn, text)
         self._send(conn, text)
         interval = self.world.heartbeat_interval
@@ -175,19 +186,19 @@ class VirtualClient:
         )
 
     def _subscribe(self, conn: Conn, server: str) -> None:
-        text = _frame("SUBSCRIBE_SERVER", {"serverId": server})
+        text = _frame1("SUBSCRIBE_SERVER", "serverId", server)
         self.world.checker.sent_subscribe(conn, server, text)
         self._send(conn, text)
 
     def _unsubscribe(self, conn: Conn, server: str) -> None:
-        text = _frame("UNSUBSCRIBE_SERVER", {"serverId": server})
+        text = _frame1("UNSUBSCRIBE_SERVER", "serverId", server)
         self.world.checker.sent_unsubscribe(conn, server, text)
         self._send(conn, text)
 
     def _typing(self, conn: Conn, channel: str) -> None:
         if conn.state != READY or conn.silent or conn.slow_at is not None:
             return
-        text = _frame("TYPING_START", {"channelId": channel})
+        text = _frame1("TYPING_START", "channelId", channel)
         self.world.checker.sent_typing(conn, channel, text)
         self._send(conn, text)
 
@@ -229,7 +240,7 @@ class VirtualClient:
             self._later(at, self._typing, conn, channel)
 
     def _do_presence(self, conn: Conn) -> None:
-        text = _frame("PRESENCE_UPDATE", {"status": self.rng.choice(STATUSES)})
+        text = _frame1("PRESENCE_UPDATE", "status", self.rng.choice(STATUSES))
         self.world.checker.sent_presence(conn, text)
         self._send(conn, text)
 

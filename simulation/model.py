@@ -112,8 +112,9 @@ class Conn:
         self.last_hb = now  # the heartbeat timeout runs from connect until the first one
         self.next_s = 1
         self.subs: dict[ServerId, int] = {}
-        #: events this connection should (True) or may (False) still receive, in order
-        self.expected: deque[tuple[Record, bool]] = deque()
+        #: events this connection should (True) or may (False) still receive, in order;
+        #: None: may only if the directory failed before its horizon (checked on arrival)
+        self.expected: deque[tuple[Record, bool | None]] = deque()
         self.recent: deque[tuple[str, int]] = deque(maxlen=16)  # (head, record) received
         self.skipped: deque[str] = deque(maxlen=16)  # heads given up on lately
         #: replies owed, in order: (expected reply, optional, time the command was sent)

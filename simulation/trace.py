@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from typing import Protocol
 
 SEQ_MARK = ',"s":'
 
@@ -26,37 +27,56 @@ def strip_seq(text: str) -> str:
     return text
 
 
+class Ticks(Protocol):
+    """A clock in whole microseconds (:class:`simulation.loop.VirtualTimeLoop`)."""
+
+    ticks: int
+
+
+class _Zero:
+    ticks = 0
+
+
 class Trace:
-    def __init__(self, now: Callable[[], float], ring: int = 6000) -> None:
-        self._now = now
+    """Lines are kept as given and formatted with their time only for the digest, one
+    instant at a time (and for a violation report, from the ring)."""
+
+    def __init__(self, ring: int = 6000) -> None:
+        self._clock: Ticks = _Zero()
         self._hash = hashlib.sha256()
         self._instant = -1
         self._bucket: list[str] = []
         self.lines = 0
-        self.recent: deque[str] = deque(maxlen=ring)
+        self._recent: deque[tuple[int, str]] = deque(maxlen=ring)
+
+    def bind(self, clock: Ticks) -> None:
+        self._clock = clock
 
     def _add(self, line: str) -> None:
-        t = round(self._now() * 1_000_000)
+        t = self._clock.ticks
         if t != self._instant:
             self._flush()
             self._instant = t
-        entry = f"{t} {line}"
-        self._bucket.append(entry)
-        self.recent.append(entry)
+        self._bucket.append(line)
+        self._recent.append((t, line))
         self.lines += 1
 
     def _flush(self) -> None:
-        if self._bucket:
-            self._bucket.sort()
-            self._hash.update(("\n".join(self._bucket) + "\n").encode())
-            self._bucket.clear()
+        bucket = self._bucket
+        if bucket:
+            # Every line of the bucket starts with the same "<time> ": sorting without
+            # it gives the order of the full lines.
+            bucket.sort()
+            prefix = f"{self._instant} "
+            self._hash.update((prefix + ("\n" + prefix).join(bucket) + "\n").encode())
+            bucket.clear()
 
     def frame(self, subject: str, text: str) -> None:
         self._add(f"{subject} < {strip_seq(text)}")
 
-    def dispatch(self, subject: str, head: str) -> None:
-        """A dispatch frame, given as its text up to ``s`` (see strip_seq)."""
-        self._add(f"{subject} < {head[:-5]}}}")
+    def dispatch(self, subject: str, text: str, seq_at: int) -> None:
+        """A dispatch frame whose ``,"s":`` starts at ``seq_at`` (see strip_seq)."""
+        self._add(f"{subject} < {text[:seq_at]}}}")
 
     def sent(self, subject: str, text: str) -> None:
         self._add(f"{subject} > {text}")
@@ -68,12 +88,17 @@ class Trace:
         self._flush()
         return self._hash.hexdigest()
 
+    @property
+    def recent(self) -> list[str]:
+        return [f"{t} {line}" for t, line in self._recent]
+
     def relevant(self, tokens: Iterable[str], limit: int = 30) -> list[str]:
         """The last ``limit`` recent lines mentioning any of ``tokens`` (and faults)."""
         wanted = [t for t in tokens if t]
         found: list[str] = []
-        for line in reversed(self.recent):
-            if " FAULT " in line or any(t in line for t in wanted):
+        for t, text in reversed(self._recent):
+            line = f"{t} {text}"
+            if " FAULT " in line or any(w in line for w in wanted):
                 found.append(line)
                 if len(found) >= limit:
                     break

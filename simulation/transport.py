@@ -97,8 +97,16 @@ class MemoryTransport:
         raise TransportClosed(self._gone_code)
 
     async def send_many(self, texts: Sequence[str]) -> None:
-        for text in texts:  # frame by frame: a non-reader blocks mid-batch, as TCP does
-            await self.send(text)
+        # Frame by frame, as send: a non-reader blocks mid-batch, as TCP does (a reading
+        # client takes the frames without a coroutine per frame).
+        on_frame = self._peer.on_frame
+        for i, text in enumerate(texts):
+            if self.reading and not (self._client_gone or self._server_closed):
+                on_frame(text)
+                continue
+            for rest in texts[i:]:
+                await self.send(rest)
+            return
 
     def try_send_many(self, texts: Sequence[str]) -> bool:
         """All at once when the client reads, or when its unread buffer has room for

@@ -4,8 +4,8 @@ Every instance is the real :class:`adapters.shell.Gateway` over the real memory
 adapters, sharing one broker network, presence store, typing gate and directory (each
 seen through a crash switch, :mod:`simulation.faults`). Clients talk to instances
 through :class:`simulation.transport.MemoryTransport`. Everything runs on one asyncio
-loop patched by ``looptime``: the loop's clock jumps to the next timer whenever all
-tasks wait, so ten virtual minutes take as long as the work done in them.
+loop on virtual time (:mod:`simulation.loop`): its clock jumps to the next timer
+whenever all tasks wait, so ten virtual minutes take as long as the work done in them.
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import anyio
-import looptime
 from anyio.abc import TaskGroup
 
 from adapters.jwt import JwtIssuer, JwtVerifier
@@ -53,6 +51,7 @@ from simulation.faults import (
     plan,
 )
 from simulation.invariants import LEAKS, NO_CRASH, Checker, Violation
+from simulation.loop import VirtualTimeLoop
 from simulation.model import Conn
 from simulation.population import Population, generate, random_text
 from simulation.trace import Trace
@@ -138,6 +137,11 @@ class SimReport:
     trace_lines: int
     broker_dropped: int = 0
     gateway_deliveries: int = 0
+    cpu_seconds: float = 0.0
+    #: the virtual-time loop's iterations, callbacks run and clock jumps
+    loop_iterations: int = 0
+    loop_callbacks: int = 0
+    clock_jumps: int = 0
     extra: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -203,7 +207,7 @@ class World:
         self.verifier = JwtVerifier(secret=JWT_SECRET)
         self._tokens: dict[str, str] = {}
         self.faults = FaultLog()
-        self.trace = Trace(self.now)
+        self.trace = Trace()
         self.checker = Checker(
             population=self.population,
             settings=self.settings,
@@ -460,8 +464,11 @@ class World:
     # --- the run ----------------------------------------------------------------------
 
     async def main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self.clock.bind(self._loop)
+        self._loop = loop = asyncio.get_running_loop()
+        if not isinstance(loop, VirtualTimeLoop):
+            raise RuntimeError("the simulation runs on simulation.loop.VirtualTimeLoop")
+        self.clock.bind(loop)
+        self.trace.bind(loop)
         self._stop = asyncio.Event()
         stop = self._stop
         self.checker.on_stop = stop.set
@@ -517,12 +524,9 @@ class World:
         if problems:
             checker.violation(LEAKS, "left behind: " + "; ".join(problems))
 
-    def report(self, wall: float) -> SimReport:
+    def report(self, wall: float, cpu: float, loop: VirtualTimeLoop) -> SimReport:
         checker = self.checker
-        gateway_deliveries = 0
-        for instance in self.instances:
-            value = instance.gateway.metrics.registry.get_sample_value("gateway_deliveries_total")
-            gateway_deliveries += int(value or 0)
+        gateway_deliveries = sum(i.gateway.metrics.hot.deliveries for i in self.instances)
         return SimReport(
             config=self.config,
             digest=self.trace.digest(),
@@ -541,12 +545,17 @@ class World:
             trace_lines=self.trace.lines,
             broker_dropped=sum(i.broker.dropped for i in self.instances),
             gateway_deliveries=gateway_deliveries,
+            cpu_seconds=cpu,
+            loop_iterations=loop.iterations,
+            loop_callbacks=loop.callbacks,
+            clock_jumps=loop.jumps,
         )
 
 
 def run_simulation(config: SimConfig) -> SimReport:
     """Run one seeded simulation to its end (or its first violation)."""
     started = time.perf_counter()
+    cpu_started = time.process_time()
     logger = logging.getLogger("gateway")
     was_disabled = logger.disabled
     logger.disabled = True
@@ -569,27 +578,14 @@ def run_simulation(config: SimConfig) -> SimReport:
             gc.unfreeze()
             gc.set_threshold(*gc_thresholds)
             logger.disabled = was_disabled
-    return world.report(time.perf_counter() - started)
+    return world.report(
+        time.perf_counter() - started, time.process_time() - cpu_started, loop
+    )
 
 
-class _NoExecutorFutures:
-    """Stands in for looptime's set of executor futures, which it walks on every loop
-    iteration: the simulation never uses executors (a thread would make the loop wait
-    for real time), so the set stays empty and an attempt to use one fails loudly."""
-
-    def add(self, future: object) -> None:
-        raise RuntimeError("the simulation must not use executors: threads break virtual time")
-
-    def __iter__(self) -> Iterator[object]:
-        return iter(())
-
-
-def new_virtual_loop() -> asyncio.AbstractEventLoop:
-    """An asyncio loop on virtual time that starts at 0. ``noop_cycles=1``: when no
-    task is ready, looptime jumps to the next timer after one idle cycle."""
-    loop = looptime.patch_event_loop(asyncio.SelectorEventLoop(), start=0.0, noop_cycles=1)
-    vars(loop)["_LoopTimeEventLoop__sync_futures"] = _NoExecutorFutures()
-    return loop
+def new_virtual_loop() -> VirtualTimeLoop:
+    """An asyncio loop on virtual time that starts at 0 (:mod:`simulation.loop`)."""
+    return VirtualTimeLoop(start=0.0)
 
 
 def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:

@@ -16,7 +16,7 @@ import anyio
 
 from adapters.shell.live import LiveSession
 from adapters.shell.metrics import Metrics
-from adapters.shell.permissions import PermissionCache
+from adapters.shell.permissions import MISS, PermissionCache
 from adapters.shell.presence_interest import PresenceInterest
 from adapters.shell.publisher import BACKEND_ERRORS
 from adapters.shell.routing import Routes
@@ -86,13 +86,15 @@ class FanOut:
     async def _is_large(self, server_id: ServerId) -> bool:
         """A large server (PROTOCOL 14), from the cached context; when the directory
         cannot say, the event goes to every subscriber (more, never fewer)."""
-        try:
-            with anyio.fail_after(self._timeout):
-                context = await self._permissions.server(server_id)
-        except BACKEND_ERRORS as exc:
-            self._metrics.backend_failures.labels("fanout").inc()
-            log.warning("fan-out: size of %s unknown, presence to all: %r", server_id, exc)
-            return False
+        context = self._permissions.cached_server(server_id)
+        if context is MISS:  # the directory is asked (no deadline without a call)
+            try:
+                with anyio.fail_after(self._timeout):
+                    context = await self._permissions.server(server_id)
+            except BACKEND_ERRORS as exc:
+                self._metrics.backend_failures.labels("fanout").inc()
+                log.warning("fan-out: size of %s unknown, presence to all: %r", server_id, exc)
+                return False
         return context is not None and context.server.is_large(self._large)
 
     async def _to_server(self, server_id: ServerId, envelope: Envelope) -> None:
@@ -107,10 +109,14 @@ class FanOut:
             exclude = envelope.exclude_user_id
             if envelope.channel_id is not None:
                 candidates = recipients.reader_candidates(map(_user_of, routed), exclude)
-                with anyio.fail_after(self._timeout):
-                    readers = await self._permissions.readers(
-                        server_id, envelope.channel_id, candidates
-                    )
+                readers = self._permissions.cached_readers(
+                    server_id, envelope.channel_id, candidates
+                )
+                if readers is None:
+                    with anyio.fail_after(self._timeout):
+                        readers = await self._permissions.readers(
+                            server_id, envelope.channel_id, candidates
+                        )
             targets = recipients.recipients(routed, _user_of, exclude, readers)
             subject = recipients.presence_subject(envelope)
             if subject is not None and await self._is_large(server_id):

@@ -8,11 +8,20 @@ PROTOCOL section 7 (``CHANNEL_*``, ``ROLE_*``, ``SERVER_MEMBER_*``).
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Collection
 
 from domain.model import Channel, ChannelId, Member, ServerContext, ServerId, UserId
 from domain.permissions import can_read
 from domain.ports import Clock, Directory
+
+
+class Miss(enum.Enum):
+    MISS = "miss"
+
+
+#: Not in the cache (or expired): the directory must be asked.
+MISS = Miss.MISS
 
 
 class PermissionCache:
@@ -28,6 +37,13 @@ class PermissionCache:
 
     def _fresh(self, expires: float) -> bool:
         return expires > self._clock.monotonic()
+
+    def cached_server(self, server_id: ServerId) -> ServerContext | Miss | None:
+        """The cached context (``None``: no such server), or MISS: no directory call."""
+        hit = self._contexts.get(server_id)
+        if hit is not None and self._fresh(hit[0]):
+            return hit[1]
+        return MISS
 
     async def server(self, server_id: ServerId) -> ServerContext | None:
         hit = self._contexts.get(server_id)
@@ -83,6 +99,35 @@ class PermissionCache:
 
     async def member(self, server_id: ServerId, user_id: UserId) -> Member | None:
         return (await self.members(server_id, (user_id,))).get(user_id)
+
+    def cached_readers(
+        self, server_id: ServerId, channel_id: ChannelId, user_ids: Collection[UserId]
+    ) -> set[UserId] | None:
+        """:meth:`readers` when the cache holds every answer it needs (``None``: it
+        does not, ask :meth:`readers`); the fan-out then needs no deadline."""
+        hit = self._contexts.get(server_id)
+        now = self._clock.monotonic()
+        if hit is None or hit[0] <= now:
+            return None
+        context = hit[1]
+        if context is None:
+            return set()
+        channel = context.channels.get(channel_id)
+        if channel is None:
+            return None
+        cache = self._members.get(server_id)
+        if cache is None:
+            return None
+        members: list[tuple[UserId, Member]] = []
+        for uid in user_ids:
+            entry = cache.get(uid)
+            if entry is None or entry[0] <= now:
+                return None
+            if entry[1] is not None:
+                members.append((uid, entry[1]))
+        return {
+            uid for uid, m in members if can_read(context.server, m, context.roles, channel)
+        }
 
     async def readers(
         self, server_id: ServerId, channel_id: ChannelId, user_ids: Collection[UserId]

@@ -1,5 +1,5 @@
 """In-process fakes for shell tests: a transport, a token verifier and a gateway on
-the memory backends, all on the simulation's virtual-time loop (looptime): a test
+the memory backends, all on the simulation's virtual-time loop (simulation.loop): a test
 that waits 60 s of heartbeat timeout takes no real time, and nothing sleeps to let
 something else happen."""
 
