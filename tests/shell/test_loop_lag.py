@@ -4,6 +4,8 @@ that went silent."""
 
 from __future__ import annotations
 
+import asyncio
+
 import anyio
 
 from adapters.shell import GatewaySettings
@@ -26,8 +28,10 @@ class StallingClock(VirtualClock):
 
     stalled = 0.0
 
-    def monotonic(self) -> float:
-        return super().monotonic() + self.stalled
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().bind(loop)
+        loop_time = loop.time
+        self.monotonic = lambda: loop_time() + self.stalled  # type: ignore[method-assign]
 
 
 def run(test: object) -> None:
@@ -50,7 +54,9 @@ def test_a_stall_longer_than_the_heartbeat_timeout_closes_nobody() -> None:
         client = await world.login("u1")
         await client.send_op("HEARTBEAT")
         await client.expect("HEARTBEAT_ACK")
+        before = world.gateway.clock.monotonic()
         clock.stalled += 5.0  # the loop was stuck for 5 s: over the 3 s timeout
+        assert world.gateway.clock.monotonic() - before >= 5.0  # the gateway sees it
         await anyio.sleep(0.6)  # two sweeps
         assert client.close_code is None
         await client.send_op("HEARTBEAT")  # what the client sent during the stall
