@@ -11,8 +11,8 @@ exactly once), and the time from the SIGTERM until it is live again (RESUMED, or
 SUBSCRIBED after a new READY). The clients' own CPU shares the machine with both
 gateways, so the times are an upper bound for the gateway.
 
-    python bench/bench_drain_live.py [--clients 1000] [--rate 200] [--group 10]
-                                     [--redis redis://127.0.0.1:6379/15]
+    python -m bench.bench_drain_live [--clients 1000] [--rate 200] [--group 10]
+                                   [--redis redis://127.0.0.1:6379/15]
 """
 
 from __future__ import annotations
