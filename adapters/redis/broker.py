@@ -60,12 +60,13 @@ from adapters.redis.subscriber import (
     watchdog,
     write,
 )
+from adapters.redis.wanted import WantedChannels
 from domain.ports import BackendUnavailable, MessageHandler
 
 logger = logging.getLogger(__name__)
 
 
-class RedisBroker:
+class RedisBroker(WantedChannels):
     """:class:`domain.ports.Broker` on Redis pub/sub (channels ``ws:server:*``,
     ``ws:user:*``).
 
@@ -165,47 +166,6 @@ class RedisBroker:
     def publish_round_trips(self) -> int:
         """Round trips that carried PUBLISHes (a pipeline counts once)."""
         return self._publishes.batches
-
-    async def subscribe(self, channel: str) -> None:
-        self._check_open()
-        if channel in self._wanted and self._is_live(channel):
-            return
-        added = channel not in self._wanted
-        self._wanted.add(channel)
-        event = self._events.get(channel)
-        if event is None:
-            event = self._events[channel] = anyio.Event()
-        self._subscribing[channel] += 1
-        done = False
-        try:
-            with anyio.fail_after(self._subscribe_timeout):
-                await self._sync(channel)
-                await event.wait()
-            done = True
-        except TimeoutError:
-            self.stats.subscribe_timeouts += 1
-            raise BackendUnavailable(
-                f"subscribe {channel}: broker not live within {self._subscribe_timeout}s"
-            ) from None
-        finally:
-            self._subscribing[channel] -= 1
-            if not self._subscribing[channel]:
-                del self._subscribing[channel]
-                if not done:
-                    self._events.pop(channel, None)  # nobody waits on it any more
-                if not done and added and not self._closed:
-                    # A subscribe that failed or was cancelled has no effect.
-                    self._wanted.discard(channel)
-                    with anyio.CancelScope(shield=True), anyio.move_on_after(self._write_timeout):
-                        await self._sync(channel)
-        self._check_open()
-
-    async def unsubscribe(self, channel: str) -> None:
-        self._wanted.discard(channel)
-        event = self._events.pop(channel, None)
-        if event is not None:
-            event.set()  # a subscribe still waiting was superseded
-        await self._sync(channel)
 
     async def run(self, handler: MessageHandler) -> None:
         if self._running:

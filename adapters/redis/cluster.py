@@ -48,15 +48,18 @@ from adapters.redis.subscriber import (
     BrokerStats,
     disconnect,
 )
+from adapters.redis.wanted import WantedChannels
 from domain.ports import BackendUnavailable, MessageHandler
 
 logger = logging.getLogger(__name__)
 
 
-class RedisClusterBroker(ShardLoops):
+class RedisClusterBroker(ShardLoops, WantedChannels):
     """:class:`domain.ports.Broker` on Redis Cluster sharded pub/sub. Arguments as
     :class:`~.broker.RedisBroker`'s; ``refresh_interval``: how often the slot map is
     read again when nothing asked for it."""
+
+    _live_what = "shard"
 
     def __init__(
         self,
@@ -143,46 +146,6 @@ class RedisClusterBroker(ShardLoops):
                 self._blocked[owner] = anyio.current_time() + self._publish_timeout
             raise
         self.stats.publishes += 1
-
-    async def subscribe(self, channel: str) -> None:
-        self._check_open()
-        if channel in self._wanted and self._is_live(channel):
-            return
-        added = channel not in self._wanted
-        self._wanted.add(channel)
-        event = self._events.get(channel)
-        if event is None:
-            event = self._events[channel] = anyio.Event()
-        self._subscribing[channel] += 1
-        done = False
-        try:
-            with anyio.fail_after(self._subscribe_timeout):
-                await self._sync(channel)
-                await event.wait()
-            done = True
-        except TimeoutError:
-            self.stats.subscribe_timeouts += 1
-            raise BackendUnavailable(
-                f"subscribe {channel}: shard not live within {self._subscribe_timeout}s"
-            ) from None
-        finally:
-            self._subscribing[channel] -= 1
-            if not self._subscribing[channel]:
-                del self._subscribing[channel]
-                if not done:
-                    self._events.pop(channel, None)
-                if not done and added and not self._closed:
-                    self._wanted.discard(channel)  # a failed subscribe has no effect
-                    with anyio.CancelScope(shield=True), anyio.move_on_after(self._write_timeout):
-                        await self._sync(channel)
-        self._check_open()
-
-    async def unsubscribe(self, channel: str) -> None:
-        self._wanted.discard(channel)
-        event = self._events.pop(channel, None)
-        if event is not None:
-            event.set()
-        await self._sync(channel)
 
     async def run(self, handler: MessageHandler) -> None:
         if self._running:
