@@ -45,7 +45,13 @@ from adapters.redis._common import (
     create_cluster_client,
     unavailable_as,
 )
-from adapters.redis.presence import _PRELUDE, _SET, DEFAULT_REGISTRY_PREFIX, _text
+from adapters.redis.presence import (
+    _PRELUDE,
+    _SET,
+    DEFAULT_REGISTRY_PREFIX,
+    _text,
+    stored_status,
+)
 from domain.keys import presence_key
 from domain.model import InstanceId, PresenceChange, SessionId, Status, UserId
 from domain.ports import BackendUnavailable
@@ -272,13 +278,7 @@ class RedisClusterPresenceStore:
                 for user_id in user_ids:
                     pipe.get(presence_key(user_id))
                 values = await pipe.execute()
-        statuses = []
-        for value in values:
-            try:
-                statuses.append(Status.OFFLINE if value is None else Status(_text(value)))
-            except ValueError:
-                statuses.append(Status.OFFLINE)
-        return statuses
+        return [stored_status(value) for value in values]
 
     async def keep_alive(self, instance_id: InstanceId, ttl_ms: int) -> bool:
         if ttl_ms <= 0:

@@ -175,6 +175,16 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def stored_status(value: bytes | str | None) -> Status:
+    """The status a ``presence:{userId}`` value stands for (absent or unknown: offline)."""
+    if value is None:
+        return Status.OFFLINE
+    try:
+        return Status(_text(value))
+    except ValueError:
+        return Status.OFFLINE
+
+
 class RedisPresenceStore:
     """:class:`domain.ports.PresenceStore` on Redis, shared by every instance."""
 
@@ -276,12 +286,7 @@ class RedisPresenceStore:
     async def get_status(self, user_id: UserId) -> Status:
         with unavailable_as("presence get_status"):
             value = await self._client.get(presence_key(user_id))
-        if value is None:
-            return Status.OFFLINE
-        try:
-            return Status(_text(value))
-        except ValueError:
-            return Status.OFFLINE
+        return stored_status(value)
 
     async def get_statuses(self, user_ids: Sequence[UserId]) -> list[Status]:
         if not user_ids:
@@ -291,13 +296,7 @@ class RedisPresenceStore:
             for user_id in user_ids:
                 pipe.get(presence_key(user_id))
             values = await pipe.execute()
-        statuses = []
-        for value in values:
-            try:
-                statuses.append(Status.OFFLINE if value is None else Status(_text(value)))
-            except ValueError:
-                statuses.append(Status.OFFLINE)
-        return statuses
+        return [stored_status(value) for value in values]
 
     async def keep_alive(self, instance_id: InstanceId, ttl_ms: int) -> bool:
         if ttl_ms <= 0:
