@@ -100,9 +100,13 @@ async def serve_app(
 #: every few hundred handshakes while a storm grew the heap, and took about a third of
 #: the process's CPU (bench/profile_handshake.py, measured with gc.callbacks: 5.2 s of
 #: GC in 17.8 s of CPU for 3,900 handshakes; 2.1 s in 11.4 s with these). Only the
-#: youngest generation's threshold is raised: cycles still go within 10,000
+#: youngest generation's threshold is raised: cycles still go within 50,000
 #: allocations, and a full collection still needs the heap to have grown by a quarter.
-GC_THRESHOLD = (10_000, 10, 10)
+#: (10,000, 10, 10) before: a handshake's objects still in flight at a young collection
+#: were promoted and walked again by the middle one, whose collections took ~30 ms each
+#: at 4,000 connections; with (50,000, 20, 10) a handshake costs 0.91x the CPU
+#: (profile_handshake.py --baseline, 2026-12-03).
+GC_THRESHOLD = (50_000, 20, 10)
 
 
 def tune_gc() -> None:

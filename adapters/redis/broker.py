@@ -298,9 +298,8 @@ class RedisBroker(WantedChannels):
                 return
             for command, on in (("SUBSCRIBE", True), ("UNSUBSCRIBE", False)):
                 batch = [c for c in dirty if (c in self._wanted) is on and session.send(c, on)]
-                if batch:
-                    with anyio.CancelScope(shield=True):
-                        await write(session, self._write_timeout, command, *batch)
+                if batch:  # write() shields itself
+                    await write(session, self._write_timeout, command, *batch)
 
     async def _resubscribe(self, session: SubscriberSession) -> None:
         channels = sorted(self._wanted)

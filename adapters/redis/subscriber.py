@@ -218,12 +218,16 @@ async def write(session: SubscriberSession, timeout: float, *args: str | bytes) 
     if session.failure is not None or not session.conn.is_connected:
         # redis-py would silently open a new socket: never on this connection.
         return False
+    # Shielded: a caller cancelled mid-write must not tear the shared connection
+    # down; bounded by the write timeout instead (one scope for both).
+    scope = anyio.CancelScope(deadline=anyio.current_time() + timeout, shield=True)
     try:
-        # Shielded: a caller cancelled mid-write must not tear the shared
-        # connection down; bounded by the write timeout instead.
-        with anyio.CancelScope(shield=True), anyio.fail_after(timeout):
+        with scope:
             await session.conn.send_command(*args, check_health=False)
     except SESSION_ERRORS as exc:
         session.fail(f"write failed: {type(exc).__name__}: {exc}")
+        return False
+    if scope.cancelled_caught:
+        session.fail(f"write failed: TimeoutError: not written within {timeout}s")
         return False
     return True

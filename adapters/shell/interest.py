@@ -10,7 +10,6 @@ the subscription is confirmed live.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
 
 import anyio
 
@@ -29,24 +28,45 @@ class _Channel:
         self.users = 0
 
 
+class _Serialised:
+    """Holds the channel's lock (made on first use; dropped when nobody needs it). A
+    class, not a generator context manager: it is entered twice per handshake."""
+
+    __slots__ = ("_lock", "_state")
+
+    def __init__(self, state: _Channel) -> None:
+        self._state = state
+        if state.lock is None:
+            state.lock = anyio.Lock(fast_acquire=True)  # uncontended: no loop trip
+        self._lock = state.lock
+
+    async def __aenter__(self) -> None:
+        state = self._state
+        state.users += 1
+        try:
+            await self._lock.acquire()
+        except BaseException:
+            self._done()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._lock.release()
+        self._done()
+
+    def _done(self) -> None:
+        state = self._state
+        state.users -= 1
+        if state.users == 0:
+            state.lock = None
+
+
 class ChannelInterest:
     def __init__(self, broker: Broker) -> None:
         self._broker = broker
         self._channels: dict[str, _Channel] = {}
 
-    @contextlib.asynccontextmanager
-    async def _serialised(self, state: _Channel) -> AsyncIterator[None]:
-        if state.lock is None:
-            state.lock = anyio.Lock(fast_acquire=True)  # uncontended: no loop trip
-        lock = state.lock
-        state.users += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            state.users -= 1
-            if state.users == 0:
-                state.lock = None
+    def _serialised(self, state: _Channel) -> _Serialised:
+        return _Serialised(state)
 
     async def acquire(self, channel: str) -> None:
         state = self._channels.get(channel)
