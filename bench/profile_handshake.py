@@ -38,6 +38,10 @@ from bench.common import cpu_seconds, grouped_plan  # noqa: E402
 from bench.procs import GATEWAY, Context, kill_all  # noqa: E402
 from bench.scenarios import _cluster, _connect  # noqa: E402
 
+#: Users of this run only: users of an earlier run may still be online in Redis (their
+#: instance was killed), and a handshake of theirs would skip the presence broadcast.
+RUN = secrets.token_hex(3)
+
 
 async def compare(opts: argparse.Namespace) -> None:
     """This checkout against ``opts.baseline``, batch by batch in turn."""
@@ -56,7 +60,8 @@ async def compare(opts: argparse.Namespace) -> None:
     }
     batch, batches = opts.batch, opts.batches
     plans = {
-        name: grouped_plan(f"{name[0]}h-", batch * (batches + 1), group_size=1) for name in sides
+        name: grouped_plan(f"{name[0]}{RUN}-", batch * (batches + 1), group_size=1)
+        for name in sides
     }
     per_batch: dict[str, list[float]] = {name: [] for name in sides}
     try:
@@ -122,7 +127,7 @@ async def main(opts: argparse.Namespace) -> None:
     )
     batch = opts.batch
     batches = opts.batches
-    plan = grouped_plan("ph-", batch * (batches + 1), group_size=1)
+    plan = grouped_plan(f"p{RUN}-", batch * (batches + 1), group_size=1)
     try:
         async with _cluster(ctx, GATEWAY, plan, "ph", 1, 1) as (servers, clients):
             server, client = servers[0], clients[0]
