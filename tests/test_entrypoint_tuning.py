@@ -8,6 +8,7 @@ import gc
 import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import jwt
 import pytest
@@ -102,3 +103,67 @@ def test_public_key_only() -> None:
     assert verifier.verify(jwt.encode(_claims(), private, algorithm="RS256"), now) == "u1"
     with pytest.raises(InvalidToken):
         verifier.verify(jwt.encode(_claims(), SECRET, algorithm="HS256"), now)
+
+
+class _Counting:
+    """Counts the full decodes a verifier makes (PyJWT's ``decode``)."""
+
+    def __init__(self, verifier: JwtVerifier) -> None:
+        self.calls = 0
+        inner = verifier._jwt.decode
+
+        def decode(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            self.calls += 1
+            return inner(*args, **kwargs)
+
+        verifier._jwt.decode = decode  # type: ignore[method-assign]
+
+
+def test_a_verified_token_is_not_decoded_again_but_still_expires() -> None:
+    verifier = JwtVerifier(secret=SECRET)
+    decodes = _Counting(verifier)
+    now = time.time()
+    claims = _claims()
+    token = jwt.encode(claims, SECRET, algorithm="HS256")
+    assert verifier.verify(token, now) == "u1"
+    assert verifier.verify(token, now + 30) == "u1"
+    assert decodes.calls == 1, "the second presentation is answered from the cache"
+    exp = claims["exp"]
+    assert isinstance(exp, int)
+    with pytest.raises(InvalidToken, match="expired"):
+        verifier.verify(token, exp + 1)
+    with pytest.raises(InvalidToken, match="expired"):
+        verifier.verify(token, exp + 1)
+    assert decodes.calls == 2, "an expired token left the cache and is verified in full"
+
+
+def test_only_the_exact_token_hits_and_failures_are_not_kept() -> None:
+    verifier = JwtVerifier(secret=SECRET)
+    decodes = _Counting(verifier)
+    now = time.time()
+    token = jwt.encode(_claims(), SECRET, algorithm="HS256")
+    assert verifier.verify(token, now) == "u1"
+    flipped = token[:-1] + ("A" if token[-1] != "A" else "B")
+    forged = jwt.encode(_claims(sub="u2"), "another-" + SECRET, algorithm="HS256")
+    for bad in (flipped, forged, token + "x", token[:-1]):
+        for _ in range(2):
+            with pytest.raises(InvalidToken):
+                verifier.verify(bad, now)
+    assert decodes.calls == 1 + 8, "every bad token was verified in full, each time"
+
+
+def test_the_cache_is_bounded_oldest_out_first() -> None:
+    verifier = JwtVerifier(secret=SECRET, cache_size=2)
+    decodes = _Counting(verifier)
+    now = time.time()
+    tokens = [jwt.encode(_claims(sub=f"u{i}"), SECRET, algorithm="HS256") for i in range(3)]
+    for i, token in enumerate(tokens):
+        assert verifier.verify(token, now) == f"u{i}"
+    assert len(verifier._verified) == 2
+    assert verifier.verify(tokens[2], now) == "u2"
+    assert decodes.calls == 3
+    assert verifier.verify(tokens[0], now) == "u0"  # the oldest went out: decoded again
+    assert decodes.calls == 4
+    off = JwtVerifier(secret=SECRET, cache_size=0)
+    assert off.verify(tokens[0], now) == "u0"
+    assert off._verified == {}

@@ -3,6 +3,12 @@
 HS256 with a shared secret by default; RS256/ES256 with a PEM public key when the
 allow-list names them. ``alg: none`` is refused whatever the configuration, ``exp``
 and ``sub`` are required, and expiry is checked against the injected clock.
+
+A token that passed every check is kept (bounded, oldest out first) with its ``sub``
+and ``exp``: presented again (a reconnect, a RESUME, a reconnect storm after a deploy)
+it is not decoded and its signature not checked again; its expiry still is, against
+the clock of that call. Only the exact same string hits: any other byte is a new
+token, verified in full.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from domain.model import UserId
 from domain.ports import InvalidToken
 
 _SYMMETRIC = {"HS256", "HS384", "HS512"}
+#: Verified tokens kept (about 300 bytes each: a few MB at most).
+DEFAULT_CACHE_SIZE = 10_000
 _ASYMMETRIC = {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "EdDSA"}
 
 
@@ -26,6 +34,7 @@ class JwtVerifier:
         public_key: str | None = None,
         algorithms: Sequence[str] = ("HS256",),
         leeway: float = 0.0,
+        cache_size: int = DEFAULT_CACHE_SIZE,
     ) -> None:
         algs = [a.strip() for a in algorithms if a.strip()]
         if not algs:
@@ -44,6 +53,9 @@ class JwtVerifier:
         self._secret = secret
         self._public_key = public_key
         self._leeway = leeway
+        self._cache_size = cache_size
+        #: token -> (sub, exp) of tokens that passed every check, oldest first.
+        self._verified: dict[str, tuple[UserId, float]] = {}
         # One decoder with its options set once (a handshake decodes one token; the
         # options were merged again on every call).
         self._jwt = jwt.PyJWT(options={"require": ["exp", "sub"], "verify_exp": False})
@@ -56,6 +68,14 @@ class JwtVerifier:
             self._only = (public_key, self._asymmetric)
 
     def verify(self, token: str, now: float) -> UserId:
+        hit = self._verified.get(token)
+        if hit is not None:
+            # Verified before: only the expiry can have changed (nbf/iat, once
+            # passed, stay passed; the signature and claims are the same bytes).
+            if now > hit[1] + self._leeway:
+                del self._verified[token]
+                raise InvalidToken("token expired")
+            return hit[0]
         if self._only is not None:
             key, algorithms = self._only
         else:
@@ -72,7 +92,19 @@ class JwtVerifier:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:
             raise InvalidToken("'sub' must be a non-empty string")
+        self._remember(token, sub, float(exp))
         return sub
+
+    def _remember(self, token: str, sub: UserId, exp: float) -> None:
+        """Keep a verified token (the oldest goes first when full): a client that
+        reconnects, or RESUMEs, presents the same token again, and a reconnect storm is
+        thousands of them. Only tokens that passed every check are kept."""
+        verified = self._verified
+        if len(verified) >= self._cache_size:
+            if self._cache_size <= 0:
+                return
+            del verified[next(iter(verified))]
+        verified[token] = (sub, exp)
 
     def _key_for(self, token: str) -> tuple[str, list[str]]:
         """Both kinds of key configured: the header's ``alg`` picks one."""
