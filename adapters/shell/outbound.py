@@ -97,10 +97,14 @@ class Flusher:
                 self._group = None
 
     async def _loop(self) -> None:
+        # The backend looked up once: anyio.Event() and anyio.lowlevel.checkpoint() look
+        # it up on every call, and this loop makes one of each per round.
+        backend = anyio.lowlevel.current_token().backend_class
+        new_event, checkpoint = backend.create_event, backend.checkpoint
         while True:
             ready = self._ready
             if not ready:
-                wake = self._wake = anyio.Event()
+                wake = self._wake = new_event()
                 await wake.wait()
                 continue
             self._ready = []
@@ -111,7 +115,7 @@ class Flusher:
                 except Exception:  # backstop: a bug in one must not stop the others
                     log.exception("flush failed")
             # Let the loop run the readers and the broker before the next round.
-            await anyio.lowlevel.checkpoint()
+            await checkpoint()
 
 
 @dataclass(frozen=True, slots=True)
