@@ -142,9 +142,11 @@ class Flusher:
         if not ready:
             self._idle = True
             return
-        self._write(ready)
-        assert self._call_soon is not None
-        self._call_soon(self._round, context=self._context)
+        try:
+            self._write(ready)
+        finally:  # after the writes, as the task's checkpoint; and never a lost pass
+            assert self._call_soon is not None
+            self._call_soon(self._round, context=self._context)
 
     def _write(self, ready: list[Flushable]) -> None:
         self._ready = []
