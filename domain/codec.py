@@ -215,9 +215,26 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
+#: The decoder's scanner (set by JSONDecoder.__init__; typeshed does not declare it).
+_SCAN: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
+_BLANKS = " \t\n\r"  # json's whitespace
+
+
 def _loads(text: str) -> Any:
     """Strict JSON: NaN and Infinity are refused. Too deep a nesting raises
     RecursionError, which callers treat as malformed input."""
+    # JSONDecoder.decode is scan_once at the first non-blank, then a check that only
+    # blanks follow. A document with no blank around it (nearly every frame and
+    # envelope) needs scan_once alone; anything else (and every error) takes decode,
+    # which gives the same value or raises the same error as ever.
+    if text and text[0] not in _BLANKS:
+        try:
+            value, end = _SCAN(text, 0)
+        except StopIteration:
+            pass
+        else:
+            if end == len(text):
+                return value
     return _DECODER.decode(text)
 
 

@@ -114,8 +114,13 @@ class UserState:
         self.last_close_at = -1.0
 
 
+#: Built once: json.dumps with options builds a new encoder on every call (the same
+#: output: json.dumps(value, separators=(",", ":"))).
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    return _ENCODER.encode(value)
 
 
 def expected_head(op: str, d: Any) -> str:

@@ -12,8 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Collection
 
-import anyio
-
+from adapters.shell.deadline import fail_after
 from adapters.shell.live import LiveSession
 from adapters.shell.metrics import Metrics
 from adapters.shell.permissions import MISS, PermissionCache
@@ -55,7 +54,7 @@ class FanOut:
         metrics = self._metrics
         if self.intercept is not None and self.intercept(channel, payload):
             return
-        metrics.broker_messages.inc()
+        metrics.hot.broker_messages += 1
         started = time.perf_counter()
         try:
             envelope = decode_envelope(payload)
@@ -73,7 +72,7 @@ class FanOut:
         except BACKEND_ERRORS as exc:
             metrics.backend_failures.labels("fanout").inc()
             log.error("fan-out on %s failed: %r", channel, exc)
-        metrics.fanout_seconds.observe(time.perf_counter() - started)
+        metrics.hot.observe_fanout(time.perf_counter() - started)
 
     def _deliver(self, targets: Collection[LiveSession], envelope: Envelope) -> None:
         template = dispatch_template(envelope.op, envelope.d)
@@ -89,7 +88,7 @@ class FanOut:
         context = self._permissions.cached_server(server_id)
         if context is MISS:  # the directory is asked (no deadline without a call)
             try:
-                with anyio.fail_after(self._timeout):
+                with fail_after(self._timeout):
                     context = await self._permissions.server(server_id)
             except BACKEND_ERRORS as exc:
                 self._metrics.backend_failures.labels("fanout").inc()
@@ -113,7 +112,7 @@ class FanOut:
                     server_id, envelope.channel_id, candidates
                 )
                 if readers is None:
-                    with anyio.fail_after(self._timeout):
+                    with fail_after(self._timeout):
                         readers = await self._permissions.readers(
                             server_id, envelope.channel_id, candidates
                         )

@@ -3,17 +3,22 @@ instances can live in one process, as in tests and the simulation)."""
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter as Tally
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+#: Upper bounds of ``gateway_fanout_seconds`` (then +Inf).
+FANOUT_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25)
 
 
 class HotCounters(Collector):
-    """Counters on the per-frame paths, kept as plain ints (a prometheus Counter takes
-    a lock on every increment) and exported when scraped."""
+    """Counters on the per-frame and per-broker-message paths, kept as plain ints (a
+    prometheus Counter or Histogram takes a lock on every increment) and exported when
+    scraped."""
 
     def __init__(self) -> None:
         self.frames_out = 0
@@ -21,6 +26,16 @@ class HotCounters(Collector):
         self.bytes_in = 0
         self.deliveries = 0
         self.frames_in: Tally[str] = Tally()
+        self.broker_messages = 0
+        #: ``gateway_fanout_seconds``: per bucket (not cumulative; the last is +Inf).
+        self.fanout_buckets = [0] * (len(FANOUT_BUCKETS) + 1)
+        self.fanout_sum = 0.0
+
+    def observe_fanout(self, seconds: float) -> None:
+        """One broker message routed in ``seconds`` (prometheus' bucket rule: the first
+        upper bound at or above the value)."""
+        self.fanout_buckets[bisect_left(FANOUT_BUCKETS, seconds)] += 1
+        self.fanout_sum += seconds
 
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily(
@@ -39,6 +54,22 @@ class HotCounters(Collector):
         for op, n in sorted(self.frames_in.items()):
             frames_in.add_metric([op], n)
         yield frames_in
+        yield CounterMetricFamily(
+            "gateway_broker_messages",
+            "Messages received from the broker",
+            value=self.broker_messages,
+        )
+        cumulative = 0
+        buckets: list[tuple[str, float]] = []
+        for bound, n in zip((*map(str, FANOUT_BUCKETS), "+Inf"), self.fanout_buckets, strict=True):
+            cumulative += n
+            buckets.append((bound, float(cumulative)))
+        yield HistogramMetricFamily(
+            "gateway_fanout_seconds",
+            "Time to route one broker message to every local recipient's queue",
+            buckets=buckets,
+            sum_value=self.fanout_sum,
+        )
 
 
 class Metrics:
@@ -72,15 +103,7 @@ class Metrics:
             "Frames queued for clients, all connections",
             registry=r,
         )
-        self.fanout_seconds = Histogram(
-            "gateway_fanout_seconds",
-            "Time to route one broker message to every local recipient's queue",
-            buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25),
-            registry=r,
-        )
-        self.broker_messages = Counter(
-            "gateway_broker_messages", "Messages received from the broker", registry=r
-        )
+        # gateway_broker_messages and gateway_fanout_seconds: in ``hot`` (per message).
         self.invalid_envelopes = Counter(
             "gateway_invalid_envelopes", "Broker messages dropped as invalid", registry=r
         )

@@ -21,6 +21,7 @@ connection at rest.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -50,7 +51,23 @@ class Flushable(Protocol):
 
 
 class Flusher:
-    __slots__ = ("_group", "_pending", "_ready", "_wake", "rounds")
+    """The instance's writer. On asyncio (what the gateway runs on) a round is a loop
+    callback, not a task step: the rounds are the loop's callbacks at the very places
+    where the task would have resumed (after the wake-up, after the checkpoint that
+    lets the readers and the broker run before the next round), without an event, a
+    future and a coroutine resumption per round. On another backend, the same rounds
+    in a task (:meth:`_loop`)."""
+
+    __slots__ = (
+        "_call_soon",
+        "_context",
+        "_group",
+        "_idle",
+        "_pending",
+        "_ready",
+        "_wake",
+        "rounds",
+    )
 
     def __init__(self) -> None:
         self._ready: list[Flushable] = []
@@ -60,6 +77,11 @@ class Flusher:
         self._pending: list[tuple[Callable[..., Coroutine[Any, Any, None]], tuple[Any, ...]]] = []
         #: Wake-ups of the flusher so far (each one writes every ready connection).
         self.rounds = 0
+        #: Rounds as loop callbacks: the loop's ``call_soon`` and the context they run in.
+        self._call_soon: Callable[..., object] | None = None
+        self._context: contextvars.Context | None = None
+        #: Callback rounds only: nothing is scheduled, the next ``ready`` schedules one.
+        self._idle = False
 
     @property
     def running(self) -> bool:
@@ -72,6 +94,11 @@ class Flusher:
     def ready(self, conn: Flushable) -> None:
         """``conn`` has frames to write or a close to start (the caller asks once)."""
         self._ready.append(conn)
+        if self._idle:
+            self._idle = False
+            assert self._call_soon is not None
+            self._call_soon(self._round, context=self._context)
+            return
         wake = self._wake
         if wake is not None:
             self._wake = None
@@ -91,27 +118,59 @@ class Flusher:
             for fn, args in pending:
                 group.start_soon(fn, *args)
             task_status.started()
+            # asyncio's token is its loop: rounds as callbacks (else the task loop).
+            call_soon = getattr(anyio.lowlevel.current_token().native_token, "call_soon", None)
             try:
-                await self._loop()
+                if call_soon is None:
+                    await self._loop()
+                else:
+                    self._call_soon = call_soon
+                    self._context = contextvars.copy_context()
+                    self._round()  # the first pass, as the task loop's
+                    await anyio.sleep_forever()
             finally:
                 self._group = None
+                self._idle = False
+                self._call_soon = self._context = None
+
+    def _round(self) -> None:
+        """One pass: write every ready connection, then pass again once the loop ran
+        what is ready now (the checkpoint); with nothing ready, go idle."""
+        if self._group is None:  # stopped (a callback scheduled before the end)
+            return
+        ready = self._ready
+        if not ready:
+            self._idle = True
+            return
+        try:
+            self._write(ready)
+        finally:  # after the writes, as the task's checkpoint; and never a lost pass
+            assert self._call_soon is not None
+            self._call_soon(self._round, context=self._context)
+
+    def _write(self, ready: list[Flushable]) -> None:
+        self._ready = []
+        self.rounds += 1
+        for conn in ready:
+            try:
+                conn.flush()
+            except Exception:  # backstop: a bug in one must not stop the others
+                log.exception("flush failed")
 
     async def _loop(self) -> None:
+        # The backend looked up once: anyio.Event() and anyio.lowlevel.checkpoint() look
+        # it up on every call, and this loop makes one of each per round.
+        backend = anyio.lowlevel.current_token().backend_class
+        new_event, checkpoint = backend.create_event, backend.checkpoint
         while True:
             ready = self._ready
             if not ready:
-                wake = self._wake = anyio.Event()
+                wake = self._wake = new_event()
                 await wake.wait()
                 continue
-            self._ready = []
-            self.rounds += 1
-            for conn in ready:
-                try:
-                    conn.flush()
-                except Exception:  # backstop: a bug in one must not stop the others
-                    log.exception("flush failed")
+            self._write(ready)
             # Let the loop run the readers and the broker before the next round.
-            await anyio.lowlevel.checkpoint()
+            await checkpoint()
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 import anyio
 import anyio.lowlevel
 
+from adapters.shell.deadline import fail_after
 from adapters.shell.live import Announce, LiveSession, Work
 from adapters.shell.metrics import Metrics
 from adapters.shell.publisher import BACKEND_ERRORS, Publisher
@@ -80,7 +81,7 @@ class PresenceKeeper:
         user_id = live.session.user_id
         assert user_id is not None
         try:
-            with anyio.fail_after(self._timeout):
+            with fail_after(self._timeout):
                 change = await self._store.set_status(user_id, effect.status)
         except BACKEND_ERRORS as exc:
             self._metrics.backend_failures.labels("presence").inc()
@@ -111,7 +112,7 @@ class PresenceKeeper:
         if change.before is change.after:
             return
         try:
-            with anyio.fail_after(self._timeout):
+            with fail_after(self._timeout):
                 await self._directory.set_user_status(change.user_id, change.after)
                 if change.visible_changed and servers is None:
                     servers = await self._directory.get_user_servers(change.user_id)
@@ -142,7 +143,7 @@ class PresenceKeeper:
     async def keep_alive(self) -> None:
         """Refresh this instance's liveness; if the store had lost it, open the
         sessions of every live connection again (users shown online again, once)."""
-        with anyio.fail_after(self._timeout):
+        with fail_after(self._timeout):
             known = await self._store.keep_alive(self._instance_id, self._settings.presence_ttl_ms)
         if not known:
             await self._reopen()
@@ -160,7 +161,7 @@ class PresenceKeeper:
             user_id = live.session.user_id
             if not live.presence_open or user_id is None:
                 continue
-            with anyio.fail_after(self._timeout):
+            with fail_after(self._timeout):
                 change = await self._store.session_opened(
                     self._instance_id, user_id, live.session_id
                 )
@@ -179,7 +180,7 @@ class PresenceKeeper:
                 await self._retry_broadcasts()
                 if self._clock.monotonic() >= next_reap:
                     next_reap = self._clock.monotonic() + ttl / 2
-                    with anyio.fail_after(self._timeout):
+                    with fail_after(self._timeout):
                         changes = await self._store.reap()
                     for change in changes:
                         await self.changed(change, None)
@@ -190,7 +191,7 @@ class PresenceKeeper:
     async def _retry_closes(self) -> None:
         while self._pending_closes:
             user_id, session_id, servers = self._pending_closes[0]
-            with anyio.fail_after(self._timeout):
+            with fail_after(self._timeout):
                 change = await self._store.session_closed(self._instance_id, user_id, session_id)
             self._pending_closes.pop(0)
             await self.changed(change, servers)
@@ -200,7 +201,7 @@ class PresenceKeeper:
         a newer transition of the same user has been broadcast since."""
         while self._pending_broadcasts:
             change = self._pending_broadcasts[0]
-            with anyio.fail_after(self._timeout):
+            with fail_after(self._timeout):
                 current = await self._store.get_status(change.user_id)
                 servers = await self._directory.get_user_servers(change.user_id)
                 if current is change.after:

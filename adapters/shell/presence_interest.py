@@ -18,8 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence, Set
 
-import anyio
-
+from adapters.shell.deadline import fail_after
 from adapters.shell.live import LiveSession, Work
 from adapters.shell.metrics import Metrics
 from adapters.shell.permissions import PermissionCache
@@ -115,7 +114,7 @@ class PresenceWatch:
         session = live.session
         server_id = effect.server_id
         try:
-            with anyio.fail_after(self._timeout):
+            with fail_after(self._timeout):
                 if await self._permissions.server(server_id) is None:
                     return session.refuse(ErrorCode.NOT_FOUND, "unknown server", _OP)
                 if not effect.subscribed:

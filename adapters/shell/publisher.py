@@ -6,8 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import anyio
-
+from adapters.shell.deadline import fail_after
 from adapters.shell.metrics import Metrics
 from domain import keys
 from domain.codec import encode_envelope
@@ -49,7 +48,7 @@ class Publisher:
     async def _publish(self, channel: str, payload: bytes) -> bool:
         """Publish; during a broker outage log, count and return False (never block)."""
         try:
-            with anyio.fail_after(self._timeout):
+            with fail_after(self._timeout):
                 await self._broker.publish(channel, payload)
         except BACKEND_ERRORS as exc:
             self._metrics.publish_failures.inc()

@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import anyio
-
+from adapters.shell.deadline import fail_after
 from adapters.shell.live import LiveSession, Work
 from adapters.shell.metrics import Metrics
 from adapters.shell.permissions import PermissionCache
@@ -51,7 +50,7 @@ class TypingIndicators:
         assert user is not None
         channel_id = effect.channel_id
         try:
-            with anyio.fail_after(self._timeout):
+            with fail_after(self._timeout):
                 channel = await self._permissions.channel(channel_id)
                 if channel is None:
                     return session.refuse(ErrorCode.NOT_FOUND, "unknown channel", "TYPING_START")

@@ -8,9 +8,12 @@ import asyncio
 from dataclasses import replace
 
 import anyio
+import anyio.lowlevel
+import pytest
 
 from adapters.shell import GatewaySettings
 from adapters.shell.connection import Connection
+from adapters.shell.outbound import Flusher
 from tests.shell.fakes import FakeTransport, World, run_virtual
 
 USERS = ("u1", "u2", "u3")  # members of s1 in the demo data
@@ -109,3 +112,27 @@ def test_frames_queued_while_a_sender_runs_go_out_after_it_in_order() -> None:
         assert not conn.sending
 
     run_virtual(test)
+
+
+def test_on_another_backend_the_rounds_run_in_a_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flusher's rounds are loop callbacks on asyncio; where the backend's token has
+    no ``call_soon`` (another backend) they run in its task: the tests above, again."""
+    real = anyio.lowlevel.current_token
+
+    def token() -> anyio.lowlevel.EventLoopToken:
+        return anyio.lowlevel.EventLoopToken(real().backend_class, object())
+
+    monkeypatch.setattr(anyio.lowlevel, "current_token", token)
+    rounds_in_a_task: list[bool] = []
+    loop = Flusher._loop
+
+    async def spy(self: Flusher) -> None:
+        rounds_in_a_task.append(True)
+        await loop(self)
+
+    monkeypatch.setattr(Flusher, "_loop", spy)
+    test_an_idle_connection_holds_no_task_but_its_reader()
+    test_one_wake_of_the_flusher_writes_a_whole_fan_out()
+    test_a_client_that_does_not_read_gets_a_sender_and_holds_up_no_one()
+    test_frames_queued_while_a_sender_runs_go_out_after_it_in_order()
+    assert len(rounds_in_a_task) == 4
