@@ -15,10 +15,9 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-import anyio
-
 from adapters.shell.admission import Admission
 from adapters.shell.connection import Connection
+from adapters.shell.deadline import fail_after
 from adapters.shell.live import Announce, LiveSession, Work
 from adapters.shell.metrics import Metrics
 from adapters.shell.permissions import PermissionCache
@@ -139,7 +138,7 @@ class Handlers:
         try:
             # PROTOCOL 15: queued (FIFO, no timer) until admitted; one deadline from then.
             async with self._admission.slot():
-                with anyio.fail_after(self._timeout):
+                with fail_after(self._timeout):
                     started = time.perf_counter()
                     user = await self._directory.get_user(user_id)
                     if user is None:
@@ -186,7 +185,7 @@ class Handlers:
         user_id = session.user_id
         assert user_id is not None
         try:
-            with anyio.fail_after(self._timeout):
+            with fail_after(self._timeout):
                 if await self._permissions.server(server_id) is None:
                     return session.refuse(ErrorCode.NOT_FOUND, "unknown server", "SUBSCRIBE_SERVER")
                 if await self._permissions.member(server_id, user_id) is None:

@@ -27,6 +27,7 @@ from typing import TypeAlias
 
 import anyio
 
+from adapters.shell.deadline import fail_after
 from adapters.shell.live import Adopt, LiveSession, Work
 from adapters.shell.metrics import Metrics
 from adapters.shell.publisher import BACKEND_ERRORS
@@ -196,7 +197,7 @@ class Resumer:
         if why is None:
             self._claims.add(sid)  # a second RESUME meanwhile is "concurrent"
         try:
-            with anyio.fail_after(self._timeout):
+            with fail_after(self._timeout):
                 user = await self._directory.get_user(user_id)
         except BACKEND_ERRORS as exc:
             metrics.backend_failures.labels("identify").inc()
@@ -212,7 +213,7 @@ class Resumer:
         if target is None and why == "unknown" and self.enabled and self.remote is not None:
             # Not held here: ask the instance that holds it (never a partial replay).
             try:
-                with anyio.fail_after(self._timeout):
+                with fail_after(self._timeout):
                     servers = await self._directory.get_user_servers(user_id)
             except BACKEND_ERRORS:
                 servers = None
