@@ -202,9 +202,7 @@ class RedisBroker(WantedChannels):
         self._healthy = False
         if self._run_scope is not None:
             self._run_scope.cancel()
-        for event in self._events.values():
-            event.set()
-        self._events.clear()
+        self._release_waiters()
         session = self._session
         if session is not None:
             session.fail("broker closed")

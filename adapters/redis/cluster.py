@@ -171,9 +171,7 @@ class RedisClusterBroker(ShardLoops, WantedChannels):
         self._closed = True
         if self._run_scope is not None:
             self._run_scope.cancel()
-        for event in self._events.values():
-            event.set()
-        self._events.clear()
+        self._release_waiters()
         for session in list(self._sessions.values()):
             session.fail("broker closed")
             await disconnect(session.conn)

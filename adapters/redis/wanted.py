@@ -73,6 +73,12 @@ class WantedChannels:
                         await self._sync(channel)
         self._check_open()
 
+    def _release_waiters(self) -> None:
+        """Closing: every ``subscribe`` still waiting returns (and finds it closed)."""
+        for event in self._events.values():
+            event.set()
+        self._events.clear()
+
     async def unsubscribe(self, channel: str) -> None:
         self._wanted.discard(channel)
         event = self._events.pop(channel, None)
