@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from adapters.jwt.verifier import JwtVerifier
+from adapters.jwt.verifier import JwtVerifier, _Prepared
 from domain.ports import InvalidToken
 from entrypoints import serve
 
@@ -167,3 +167,40 @@ def test_the_cache_is_bounded_oldest_out_first() -> None:
     off = JwtVerifier(secret=SECRET, cache_size=0)
     assert off.verify(tokens[0], now) == "u0"
     assert off._verified == {}
+
+
+def test_the_configured_keys_are_prepared_once_and_still_verify() -> None:
+    """PyJWT prepares the key on every decode; the verifier prepares its own once. The
+    decoder's algorithm objects are its own (the module-wide ones are untouched), a
+    forged signature still fails, and a key the algorithm refuses fails at start-up."""
+    private, public = _rsa()
+    verifier = JwtVerifier(
+        secret=SECRET, public_key=public, algorithms=("HS256", "RS256"), cache_size=0
+    )
+    prepared: list[str] = []
+    jws = verifier._jwt._jws
+    for name in ("HS256", "RS256"):
+        alg = jws.get_algorithm_by_name(name)
+        memo = alg.prepare_key
+        assert isinstance(memo, _Prepared)
+
+        def counted(key: Any, _inner: Any = memo.inner, _name: str = name) -> Any:
+            prepared.append(_name)
+            return _inner(key)
+
+        memo.inner = counted  # below the memo: only the preparations it lets through
+    now = time.time()
+    for _ in range(3):
+        assert verifier.verify(jwt.encode(_claims(), SECRET, algorithm="HS256"), now) == "u1"
+        assert verifier.verify(jwt.encode(_claims(), private, algorithm="RS256"), now) == "u1"
+    assert prepared == [], "the configured keys were not prepared again"
+    forged = jwt.encode(_claims(sub="u2"), "another-" + SECRET, algorithm="HS256")
+    with pytest.raises(InvalidToken):
+        verifier.verify(forged, now)
+    other = jws.get_algorithm_by_name("HS256")
+    assert other.prepare_key("another-" + SECRET) == ("another-" + SECRET).encode()
+    assert prepared == ["HS256"], "any other key is prepared by PyJWT as before"
+    shared = jwt.PyJWS().get_algorithm_by_name("HS256")
+    assert "prepare_key" not in vars(shared)
+    with pytest.raises(ValueError, match="HS256"):
+        JwtVerifier(secret=public)  # a PEM public key as an HMAC secret: refused by PyJWT

@@ -9,11 +9,18 @@ and ``exp``: presented again (a reconnect, a RESUME, a reconnect storm after a d
 it is not decoded and its signature not checked again; its expiry still is, against
 the clock of that call. Only the exact same string hits: any other byte is a new
 token, verified in full.
+
+The configured keys are prepared once: PyJWT (2.15) prepares the key again on every
+decode (for a shared secret: PEM, SSH, DER and JWK look-alike checks with a failed
+``json.loads``, ~7 us; for a PEM public key: parsing it). :func:`_prepare_once` keeps
+the prepared key of the configured key on the decoder's own algorithm objects; any
+other key still goes through PyJWT's preparation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jwt
 
@@ -59,6 +66,10 @@ class JwtVerifier:
         # One decoder with its options set once (a handshake decodes one token; the
         # options were merged again on every call).
         self._jwt = jwt.PyJWT(options={"require": ["exp", "sub"], "verify_exp": False})
+        if secret:
+            _prepare_once(self._jwt, self._symmetric, secret)
+        if public_key:
+            _prepare_once(self._jwt, self._asymmetric, public_key)
         #: With one kind of key only, the key does not depend on the header: PyJWT checks
         #: the header's ``alg`` against the allow-list itself (no second parse).
         self._only: tuple[str, list[str]] | None = None
@@ -121,6 +132,40 @@ class JwtVerifier:
             raise InvalidToken(f"algorithm {alg!r} is not allowed")
         assert key is not None
         return key, [alg]
+
+
+def _prepare_once(decoder: jwt.PyJWT, algorithms: Sequence[str], key: str) -> None:
+    """Prepare ``key`` once for each of ``algorithms`` on ``decoder``'s own algorithm
+    objects (never the module's shared ones), so that a decode with that key does not
+    prepare it again. A key its algorithm refuses is refused here, at start-up, rather
+    than on every IDENTIFY. Without PyJWT's per-decoder signer (``PyJWT._jws``, 2.x)
+    nothing changes: decodes prepare the key as before."""
+    jws = getattr(decoder, "_jws", None)
+    if not isinstance(jws, jwt.PyJWS):
+        return
+    for name in algorithms:
+        alg = jws.get_algorithm_by_name(name)
+        try:
+            prepared = alg.prepare_key(key)
+        except jwt.PyJWTError as exc:
+            raise ValueError(f"the configured key cannot be used for {name}: {exc}") from None
+        alg.prepare_key = _Prepared(alg.prepare_key, key, prepared)  # type: ignore[method-assign,assignment]
+
+
+class _Prepared:
+    """A decoder algorithm's ``prepare_key``: the configured key's preparation kept."""
+
+    __slots__ = ("_key", "_prepared", "inner")
+
+    def __init__(self, inner: Callable[[Any], Any], key: str, prepared: Any) -> None:
+        self.inner = inner
+        self._key = key
+        self._prepared = prepared
+
+    def __call__(self, candidate: Any) -> Any:
+        if candidate is self._key or (type(candidate) is str and candidate == self._key):
+            return self._prepared
+        return self.inner(candidate)
 
 
 class JwtIssuer:
