@@ -6,6 +6,9 @@ block), at a fraction of the cost on the hot paths (every publish, presence
 transition, typing claim): anyio's version is a generator context manager wrapping
 another one (``fail_after`` -> ``fail_at``) and looks the async backend up three
 times per use. The cancel scope itself is anyio's own.
+
+It sits beside the adapter packages, not in one of them, so that the shell and the
+backend adapters (which must not know each other) can both use it.
 """
 
 from __future__ import annotations

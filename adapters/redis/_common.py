@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import anyio
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -37,6 +36,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from adapters.deadline import fail_after
 from domain.ports import BackendUnavailable
 
 #: Errors that mean "the backend did not answer in time or refused", as opposed to a
@@ -140,7 +140,7 @@ def unavailable_as(what: str, timeout: float | None = None) -> Iterator[None]:
         if timeout is None:
             yield
         else:
-            with anyio.fail_after(timeout):
+            with fail_after(timeout):
                 yield
     except UNAVAILABLE_ERRORS as exc:
         raise BackendUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc

@@ -13,6 +13,7 @@ from collections import defaultdict
 
 import anyio
 
+from adapters.deadline import fail_after
 from adapters.redis.subscriber import BrokerStats
 from domain.ports import BackendUnavailable
 
@@ -50,7 +51,7 @@ class WantedChannels:
         self._subscribing[channel] += 1
         done = False
         try:
-            with anyio.fail_after(self._subscribe_timeout):
+            with fail_after(self._subscribe_timeout):
                 await self._sync(channel)
                 await event.wait()
             done = True

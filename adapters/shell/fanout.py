@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Collection
 
-from adapters.shell.deadline import fail_after
+from adapters.deadline import fail_after
 from adapters.shell.live import LiveSession
 from adapters.shell.metrics import Metrics
 from adapters.shell.permissions import MISS, PermissionCache

@@ -15,9 +15,9 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from adapters.deadline import fail_after
 from adapters.shell.admission import Admission
 from adapters.shell.connection import Connection
-from adapters.shell.deadline import fail_after
 from adapters.shell.live import Announce, LiveSession, Work
 from adapters.shell.metrics import Metrics
 from adapters.shell.permissions import PermissionCache

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 import anyio
 import anyio.lowlevel
 
-from adapters.shell.deadline import fail_after
+from adapters.deadline import fail_after
 from adapters.shell.live import Announce, LiveSession, Work
 from adapters.shell.metrics import Metrics
 from adapters.shell.publisher import BACKEND_ERRORS, Publisher

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from adapters.shell.deadline import fail_after
+from adapters.deadline import fail_after
 from adapters.shell.metrics import Metrics
 from domain import keys
 from domain.codec import encode_envelope

@@ -27,7 +27,7 @@ from typing import TypeAlias
 
 import anyio
 
-from adapters.shell.deadline import fail_after
+from adapters.deadline import fail_after
 from adapters.shell.live import Adopt, LiveSession, Work
 from adapters.shell.metrics import Metrics
 from adapters.shell.publisher import BACKEND_ERRORS

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from adapters.shell.deadline import fail_after
+from adapters.deadline import fail_after
 from adapters.shell.live import LiveSession, Work
 from adapters.shell.metrics import Metrics
 from adapters.shell.permissions import PermissionCache
