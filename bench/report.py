@@ -93,6 +93,7 @@ def rows(paced_rate: float) -> list[Row]:
         Row("Join storm: N members of one server connect+subscribe (s)", "joinstorm.connect_s",
             "{:,.1f}"),
         Row("Join storm: handshakes/s (compare with the ceiling's connect rate)", "joinstorm.hps"),
+        Row("Join storm: server CPU per handshake (ms)", "joinstorm.cpu_ms", "{:,.2f}"),
         Row("Join storm: handshakes that failed", "joinstorm.failed"),
         Row("Join storm: PRESENCE_UPDATE deliveries it caused", "joinstorm.presence_deliveries"),
     ]

@@ -340,8 +340,10 @@ async def run_joinstorm(ctx: Context, spec: FanoutSpec, tag: str, notes: list[st
     async with _cluster(ctx, GATEWAY, plan, tag, 1, spec.clients) as (servers, clients):
         snap0 = _snapshot(ctx, servers, clients)
         before = await servers[0].metrics()
+        cpu0 = cpu_seconds(servers[0].pid)
         conn = await _connect(ctx, GATEWAY, plan, range(spec.n), servers, clients,
                               spec.concurrency)
+        cpu1 = cpu_seconds(servers[0].pid)
         quiet = await _quiesce(clients, 1000)
         after = await servers[0].metrics()
         snap1 = _snapshot(ctx, servers, clients)
@@ -354,6 +356,7 @@ async def run_joinstorm(ctx: Context, spec: FanoutSpec, tag: str, notes: list[st
     return {
         "connect_s": (conn["t1"] - conn["t0"]) / 1e9,
         "hps": conn["connected"] / max(1e-9, (conn["t1"] - conn["t0"]) / 1e9),
+        "cpu_ms": (cpu1 - cpu0) / max(1, conn["connected"]) * 1e3,
         "failed": float(failed),
         "presence_deliveries": (after.get("gateway_deliveries_total", 0.0)
                                 - before.get("gateway_deliveries_total", 0.0)),
