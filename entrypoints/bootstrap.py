@@ -16,17 +16,23 @@ from adapters.memory import (
 )
 from adapters.shell import Backends, Gateway, make_gateway
 from domain.ports import Broker, Directory, PresenceStore, TypingGate
-from entrypoints.config import Config, demo_data, load_fixture_file
+from entrypoints.config import Config, ConfigError, demo_data, load_fixture_file
 
 log = logging.getLogger("gateway.bootstrap")
 
 
 def make_verifier(config: Config) -> JwtVerifier:
-    return JwtVerifier(
-        secret=config.effective_jwt_secret(),
-        public_key=config.jwt_public_key,
-        algorithms=config.jwt_algorithms,
-    )
+    """The token verifier; a key or algorithm it refuses is a configuration error."""
+    try:
+        return JwtVerifier(
+            secret=config.effective_jwt_secret(),
+            public_key=config.jwt_public_key,
+            algorithms=config.jwt_algorithms,
+        )
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"JWT: {exc}") from None
 
 
 @asynccontextmanager

@@ -12,7 +12,7 @@ from dataclasses import replace
 from adapters.jwt import JwtIssuer
 from domain.fixtures import FixtureError
 from entrypoints import client_cli, logs
-from entrypoints.bootstrap import open_directory
+from entrypoints.bootstrap import make_verifier, open_directory
 from entrypoints.config import Config, ConfigError, load_fixture_file
 
 
@@ -30,7 +30,7 @@ def _config(args: argparse.Namespace) -> Config:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args)
     logs.configure(fmt=config.log_format)
-    config.effective_jwt_secret()  # refuse to start without a secret where required
+    make_verifier(config)  # refuse to start without a secret, or with an unusable key
     if config.workers > 1:
         from entrypoints.workers import run_workers
 

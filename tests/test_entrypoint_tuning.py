@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import gc
 import json
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -204,3 +205,32 @@ def test_the_configured_keys_are_prepared_once_and_still_verify() -> None:
     assert "prepare_key" not in vars(shared)
     with pytest.raises(ValueError, match="HS256"):
         JwtVerifier(secret=public)  # a PEM public key as an HMAC secret: refused by PyJWT
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"GATEWAY_JWT_ALGORITHMS": "RS256", "GATEWAY_JWT_PUBLIC_KEY": "not a PEM key"},
+        {"GATEWAY_JWT_ALGORITHMS": "RS256"},  # no public key at all
+        {"GATEWAY_JWT_SECRET": "PEM public key, filled in below"},
+    ],
+)
+def test_serve_refuses_an_unusable_key_as_a_configuration_error(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused at start-up (exit 2, one line), never a gateway that refuses every
+    IDENTIFY or a traceback from inside the app's lifespan."""
+    from entrypoints import cli
+
+    for name in list(os.environ):
+        if name.startswith("GATEWAY_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, _rsa()[1] if value.startswith("PEM") else value)
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("started serving with an unusable key")
+
+    monkeypatch.setattr(serve, "run", never)
+    assert cli.main(["serve", "--port", "0"]) == 2
+    assert "configuration error: JWT" in capsys.readouterr().err
