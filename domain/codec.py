@@ -9,6 +9,7 @@ and each connection only splices in its own sequence number.
 from __future__ import annotations
 
 import json
+import json.encoder
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -291,8 +292,39 @@ def decode_command(raw: str | bytes) -> Command | ProtocolError:
 # --- server frames -----------------------------------------------------------------
 
 
+#: ``_ENCODER``'s own C encoder, built once (``JSONEncoder.encode`` builds one per call
+#: for anything but a string: about half the cost of encoding a small event). It keeps
+#: the circular-reference check; its markers are cleared after a failed encode, which
+#: leaves the markers of the objects it was inside.
+_MARKERS: dict[int, Any] = {}
+_MAKE_C_ENCODER: Callable[..., Callable[[Any, int], Any]] | None = getattr(
+    json.encoder, "c_make_encoder", None
+)  # CPython's _json accelerator (typeshed does not declare it)
+_C_ENCODE: Callable[[Any, int], Any] | None = (
+    None
+    if _MAKE_C_ENCODER is None
+    else _MAKE_C_ENCODER(
+        _MARKERS,
+        _ENCODER.default,
+        json.encoder.encode_basestring_ascii,
+        None,
+        _ENCODER.key_separator,
+        _ENCODER.item_separator,
+        _ENCODER.sort_keys,
+        _ENCODER.skipkeys,
+        _ENCODER.allow_nan,
+    )
+)
+
+
 def _dumps(value: Any) -> str:
-    return _ENCODER.encode(value)
+    if _C_ENCODE is None or isinstance(value, str):
+        return _ENCODER.encode(value)
+    try:
+        return "".join(_C_ENCODE(value, 0))
+    except BaseException:
+        _MARKERS.clear()
+        raise
 
 
 def encode_control(op: str, d: Any) -> str:

@@ -513,3 +513,49 @@ def test_subscribe_presence_keeps_order_duplicates_and_100_ids() -> None:
     assert decode_command(json.dumps(frame)) == SubscribePresence("s1", ("b", "a", "b"))
     frame["d"] = {"serverId": "s1", "userIds": []}
     assert decode_command(json.dumps(frame)) == SubscribePresence("s1", ())
+
+
+_REFERENCE = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+@given(
+    value=st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats()  # NaN and the infinities included: both sides must refuse them
+        | st.text(),
+        lambda children: st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.text(max_size=5) | st.integers() | st.booleans() | st.none(), children, max_size=4
+        ),
+        max_leaves=20,
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_the_prebuilt_encoder_writes_what_json_writes(value: Any) -> None:
+    """codec's encoder (the C encoder built once) gives json's bytes and json's errors,
+    and a failed encode leaves no circular-check marker behind."""
+    from domain import codec
+
+    try:
+        expected: str | type[BaseException] = _REFERENCE.encode(value)
+    except (ValueError, TypeError) as exc:
+        expected = type(exc)
+    if isinstance(expected, str):
+        assert codec._dumps(value) == expected
+    else:
+        with pytest.raises(expected):
+            codec._dumps(value)
+    assert codec._MARKERS == {}
+
+
+def test_the_prebuilt_encoder_still_refuses_cycles() -> None:
+    from domain import codec
+
+    cycle: dict[str, Any] = {}
+    cycle["self"] = [cycle]
+    for _ in range(2):  # the second time too: the first left no marker behind
+        with pytest.raises(ValueError, match="Circular"):
+            codec._dumps(cycle)
+    assert codec._dumps({"self": [{}]}) == '{"self":[{}]}'
