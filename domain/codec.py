@@ -295,7 +295,8 @@ def decode_command(raw: str | bytes) -> Command | ProtocolError:
 #: ``_ENCODER``'s own C encoder, built once (``JSONEncoder.encode`` builds one per call
 #: for anything but a string: about half the cost of encoding a small event). It keeps
 #: the circular-reference check; its markers are cleared after a failed encode, which
-#: leaves the markers of the objects it was inside.
+#: leaves the markers of the objects it was inside. One encode at a time: it runs in C
+#: under the GIL and calls back into Python only to fail (``default``).
 _MARKERS: dict[int, Any] = {}
 _MAKE_C_ENCODER: Callable[..., Callable[[Any, int], Any]] | None = getattr(
     json.encoder, "c_make_encoder", None
