@@ -144,7 +144,10 @@ def _prepare_once(decoder: jwt.PyJWT, algorithms: Sequence[str], key: str) -> No
     if not isinstance(jws, jwt.PyJWS):
         return
     for name in algorithms:
-        alg = jws.get_algorithm_by_name(name)
+        try:
+            alg = jws.get_algorithm_by_name(name)
+        except NotImplementedError as exc:  # e.g. RS256 without cryptography
+            raise ValueError(f"the JWT algorithm {name} is not available: {exc}") from None
         try:
             prepared = alg.prepare_key(key)
         except jwt.PyJWTError as exc:
