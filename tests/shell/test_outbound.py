@@ -124,15 +124,71 @@ def test_on_another_backend_the_rounds_run_in_a_task(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(anyio.lowlevel, "current_token", token)
     rounds_in_a_task: list[bool] = []
-    loop = Flusher._loop
+    loop = Flusher._task_loop
 
     async def spy(self: Flusher) -> None:
         rounds_in_a_task.append(True)
         await loop(self)
 
-    monkeypatch.setattr(Flusher, "_loop", spy)
+    monkeypatch.setattr(Flusher, "_task_loop", spy)
     test_an_idle_connection_holds_no_task_but_its_reader()
     test_one_wake_of_the_flusher_writes_a_whole_fan_out()
     test_a_client_that_does_not_read_gets_a_sender_and_holds_up_no_one()
     test_frames_queued_while_a_sender_runs_go_out_after_it_in_order()
     assert len(rounds_in_a_task) == 4
+
+
+def test_a_stopping_flusher_ends_its_tasks_through_their_scopes() -> None:
+    """On asyncio a connection's short-lived tasks are plain tasks the flusher keeps.
+    When the flusher stops they are cancelled through their own scopes, as anyio's
+    cancellation would: their shielded clean-up runs to its end, and the flusher
+    returns only once they have."""
+
+    async def main() -> list[str]:
+        flusher = Flusher()
+        seen: list[str] = []
+
+        async def task(scope: anyio.CancelScope, name: str) -> None:
+            with scope:
+                try:
+                    await anyio.sleep_forever()
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await anyio.sleep(0.01)  # a clean-up that must not be cut short
+                        seen.append(name)
+
+        async with anyio.create_task_group() as group:
+            await group.start(flusher.run)
+            for name in ("a", "b"):
+                flusher.spawn(task, anyio.CancelScope(), name)
+            await anyio.lowlevel.checkpoint()
+            assert len(flusher._owned) == 2, "plain tasks, kept by the flusher"
+            assert all(isinstance(t, asyncio.Task) for t in flusher._owned)
+            group.cancel_scope.cancel()
+        assert not flusher._owned and not flusher.running
+        return seen
+
+    assert sorted(asyncio.run(main())) == ["a", "b"]
+
+
+def test_a_flusher_task_that_raises_is_reported_not_lost() -> None:
+    async def main() -> list[BaseException | None]:
+        flusher = Flusher()
+        reported: list[BaseException | None] = []
+        asyncio.get_running_loop().set_exception_handler(
+            lambda loop, context: reported.append(context.get("exception"))
+        )
+
+        async def task(scope: anyio.CancelScope) -> None:
+            with scope:
+                raise KeyError("a bug")
+
+        async with anyio.create_task_group() as group:
+            await group.start(flusher.run)
+            flusher.spawn(task, anyio.CancelScope())
+            await anyio.sleep(0.01)
+            group.cancel_scope.cancel()
+        return reported
+
+    reported = asyncio.run(main())
+    assert len(reported) == 1 and isinstance(reported[0], KeyError)
