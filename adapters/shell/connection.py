@@ -198,7 +198,7 @@ class Connection(Outbound):
             await self.perform(session.check_timers(clock.monotonic()))
 
     def _aside(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
-        """Run ``fn`` beside the reader (in the flusher's group), ended with the connection."""
+        """Run ``fn`` beside the reader (a task of the flusher's), ended with the connection."""
         scope = anyio.CancelScope()
         if self._asides is None:
             self._asides = []
