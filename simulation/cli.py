@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "on", "off"),
         default="auto",
         help="check in a second process, on another core: the same verdicts and digest "
-        "(auto: when there are two cores)",
+        "(auto: when there are two cores, and not with --profile)",
     )
     parser.add_argument(
         "--list-invariants", action="store_true", help="describe the invariants and exit"
@@ -104,7 +104,7 @@ def main(argv: list[str]) -> int:
         publish_rate=args.publish_rate,
         activity=args.activity,
         checker_process=args.checker_process == "on"
-        or (args.checker_process == "auto" and usable()),
+        or (args.checker_process == "auto" and not args.profile and usable()),
     )
     print(f"simulation: {config.command()}", file=out, flush=True)
     if args.profile:

@@ -13,6 +13,7 @@ import pytest
 from adapters.shell.live import LiveSession
 from domain.codec import DispatchTemplate
 from simulation import offload
+from simulation.cli import main
 from simulation.faults import STORM, PlannedFault
 from simulation.invariants import EXACTLY_ONCE
 from simulation.world import SimConfig, SimReport, run_simulation
@@ -107,3 +108,12 @@ def test_a_failing_checker_process_means_a_run_in_line(monkeypatch: pytest.Monke
     assert inline.ok
     same_outcome(inline, elsewhere)
     assert elsewhere.extra.get("reran_in_line") == 1.0
+
+
+@pytest.mark.parametrize("choice", ["on", "off"])
+def test_cli_checker_process_choice(capsys: pytest.CaptureFixture[str], choice: str) -> None:
+    args = ["--instances", "2", "--clients", "30", "--minutes", "1", "--seed", "3"]
+    assert main([*args, "--checker-process", choice]) == 0
+    out = capsys.readouterr().out
+    assert ("in the checker process" in out) == (choice == "on")
+    assert "OK: every invariant held" in out
