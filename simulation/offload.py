@@ -191,7 +191,12 @@ class CheckerLink:
         batch, self._buf = self._buf, []
         if self.failure is None:
             try:
-                self._writer.send_bytes(marshal.dumps(batch, MARSHAL_VERSION))
+                data = marshal.dumps(batch, MARSHAL_VERSION)
+            except ValueError as exc:  # a record the checker process cannot get
+                self._fail(f"record not marshallable: {exc!r}")
+                return
+            try:
+                self._writer.send_bytes(data)
             except OSError as exc:  # the checker process is gone
                 self._fail(f"checker process unreachable: {exc!r}")
         while self.failure is None and self._results.poll():

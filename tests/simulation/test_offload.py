@@ -117,3 +117,18 @@ def test_cli_checker_process_choice(capsys: pytest.CaptureFixture[str], choice: 
     out = capsys.readouterr().out
     assert ("in the checker process" in out) == (choice == "on")
     assert "OK: every invariant held" in out
+
+
+def test_a_record_that_cannot_travel_means_a_run_in_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A batch the pipe cannot carry must not be dropped (the checker process would
+    # judge a run with a hole in it): the run is made again in line.
+    def unmarshallable(self: offload.CheckerLink, user: str) -> None:
+        self.record((offload.TRANSITION, self.clock.ticks, object()))
+
+    monkeypatch.setattr(offload.CheckerLink, "intent_done", unmarshallable)
+    inline, elsewhere = both(SMALL)
+    assert inline.ok
+    same_outcome(inline, elsewhere)
+    assert elsewhere.extra.get("reran_in_line") == 1.0
