@@ -128,7 +128,7 @@ def print_report(report: SimReport, out: TextIO) -> None:
     elsewhere = report.extra.get("checker_process_cpu")
     how = "" if elsewhere is None else f", {elsewhere:.2f} s of it in the checker process"
     if report.extra.get("reran_in_line"):
-        how += "; a violation: run again with the checks in line"
+        how += f"; run again with the checks in line: {report.rerun_reason.splitlines()[0]}"
     w(f"wall time          {report.wall_seconds:.2f} s (CPU {report.cpu_seconds:.2f} s{how})\n")
     closes = ", ".join(f"{k}={v}" for k, v in report.closes.items())
     w(f"connections        {report.connections} opened; closes: {closes}\n")

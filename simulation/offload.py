@@ -198,17 +198,24 @@ class CheckerLink:
             try:
                 self._writer.send_bytes(data)
             except OSError as exc:  # the checker process is gone
-                self._fail(f"checker process unreachable: {exc!r}")
+                self._gone(exc)
         while self.failure is None and self._results.poll():
             self._note(self._results.recv())
 
     def _note(self, message: tuple[Any, ...]) -> None:
         if message[0] == "violation":
-            self._fail("a violation (reported by the in-line run)")
+            self._fail("a violation (reported as the in-line run reports it)")
         elif message[0] == "error":
             self._fail(f"checker process failed:\n{message[1]}")
         else:
             raise CheckerFailed(f"unexpected message from the checker process: {message[0]}")
+
+    def _gone(self, exc: BaseException) -> None:
+        """The pipe broke: the checker process's last word, if it said one, is why."""
+        with contextlib.suppress(OSError, EOFError):
+            if self._results.poll(5.0):
+                self._note(self._results.recv())
+        self._fail(f"checker process unreachable: {exc!r}")
 
     def _fail(self, why: str) -> None:
         if self.failure is None:
@@ -232,7 +239,7 @@ class CheckerLink:
                     else:
                         self._note(message)
             except (OSError, EOFError) as exc:
-                self._fail(f"checker process unreachable: {exc!r}")
+                self._gone(exc)
         self._writer.close()
         self._results.close()
         if done is None:
@@ -251,7 +258,7 @@ class CheckerLink:
         self.trace.lines = done["lines"]
         self.trace._digest = done["digest"]
         if self.violations:
-            self._fail("a violation (reported by the in-line run)")
+            self._fail("a violation (reported as the in-line run reports it)")
 
     # --- the checker's interface: connections -----------------------------------------
 
@@ -261,31 +268,35 @@ class CheckerLink:
         self.open_conns[conn] = None
         self.record((OPEN, self.clock.ticks, conn.key, conn.cid, conn.user, conn.instance_id))
 
+    # A command record ends with what the client saw of its connection when it decided
+    # (state, subscriptions, stopped reading): the checker process compares it with its
+    # own view, so that a difference in those transitions cannot go unnoticed.
+
     def sent_identify(self, conn: Conn, text: str) -> None:
         conn.state = IDENTIFYING
-        self.record((IDENTIFY, self.clock.ticks, conn.key, text))
+        self.record((IDENTIFY, self.clock.ticks, conn.key, text, *_view(conn)))
 
     def sent_heartbeat(self, conn: Conn, text: str) -> None:
         buf = self._buf
-        buf.append((HEARTBEAT, self.clock.ticks, conn.key, text))
+        buf.append((HEARTBEAT, self.clock.ticks, conn.key, text, *_view(conn)))
         if len(buf) >= BATCH:
             self._send()
 
     def sent_subscribe(self, conn: Conn, server: str, text: str) -> None:
         if server in self.member_of[conn.user] and conn.subs.get(server, NONE) == NONE:
             conn.subs[server] = PENDING_SUB
-        self.record((SUBSCRIBE, self.clock.ticks, conn.key, server, text))
+        self.record((SUBSCRIBE, self.clock.ticks, conn.key, server, text, *_view(conn)))
 
     def sent_unsubscribe(self, conn: Conn, server: str, text: str) -> None:
         if conn.subs.get(server, NONE) == SUBSCRIBED:
             conn.subs[server] = PENDING_UNSUB
-        self.record((UNSUBSCRIBE, self.clock.ticks, conn.key, server, text))
+        self.record((UNSUBSCRIBE, self.clock.ticks, conn.key, server, text, *_view(conn)))
 
     def sent_typing(self, conn: Conn, channel: str, text: str) -> None:
-        self.record((TYPING, self.clock.ticks, conn.key, channel, text))
+        self.record((TYPING, self.clock.ticks, conn.key, channel, text, *_view(conn)))
 
     def sent_presence(self, conn: Conn, text: str) -> None:
-        self.record((PRESENCE, self.clock.ticks, conn.key, text))
+        self.record((PRESENCE, self.clock.ticks, conn.key, text, *_view(conn)))
 
     def went_silent(self, conn: Conn) -> None:
         self.record((SILENT, self.clock.ticks, conn.key))
@@ -393,6 +404,24 @@ class CheckerLink:
         return pickle.dumps(snapshot, pickle.HIGHEST_PROTOCOL)
 
 
+def _view(conn: Conn) -> tuple[str, dict[str, int], float | None]:
+    """What a client reads of its connection (a copy: the record travels later)."""
+    return conn.state, dict(conn.subs), conn.slow_at
+
+
+class MirrorDiverged(RuntimeError):
+    """The main process's view of a connection differs from the checker's."""
+
+
+def _same_view(conn: Conn, item: tuple[Any, ...]) -> None:
+    state, subs, slow_at = item[-3:]
+    if (conn.state, conn.subs, conn.slow_at) != (state, subs, slow_at):
+        raise MirrorDiverged(
+            f"{conn.cid}: the main process saw {(state, subs, slow_at)}, the checker "
+            f"{(conn.state, conn.subs, conn.slow_at)}"
+        )
+
+
 # --- the checker process ---------------------------------------------------------------
 
 
@@ -480,7 +509,9 @@ def _apply_all(
             elif kind == PUBLISHED:
                 checker.published(item[2], item[3])
             elif kind == HEARTBEAT:
-                checker.sent_heartbeat(conns[item[2]], item[3])
+                conn = conns[item[2]]
+                checker.sent_heartbeat(conn, item[3])
+                _same_view(conn, item)
             elif kind == OPEN:
                 _, _, key, cid, user, instance_id = item
                 conn = conns[key] = Conn(cid, None, user, instance_id, clock.now())  # type: ignore[arg-type]
@@ -490,15 +521,25 @@ def _apply_all(
                 _, _, key, code, by_server, how = item
                 checker.closed(conns[key], code, by_server=by_server, how=how)
             elif kind == IDENTIFY:
-                checker.sent_identify(conns[item[2]], item[3])
+                conn = conns[item[2]]
+                checker.sent_identify(conn, item[3])
+                _same_view(conn, item)
             elif kind == SUBSCRIBE:
-                checker.sent_subscribe(conns[item[2]], item[3], item[4])
+                conn = conns[item[2]]
+                checker.sent_subscribe(conn, item[3], item[4])
+                _same_view(conn, item)
             elif kind == UNSUBSCRIBE:
-                checker.sent_unsubscribe(conns[item[2]], item[3], item[4])
+                conn = conns[item[2]]
+                checker.sent_unsubscribe(conn, item[3], item[4])
+                _same_view(conn, item)
             elif kind == TYPING:
-                checker.sent_typing(conns[item[2]], item[3], item[4])
+                conn = conns[item[2]]
+                checker.sent_typing(conn, item[3], item[4])
+                _same_view(conn, item)
             elif kind == PRESENCE:
-                checker.sent_presence(conns[item[2]], item[3])
+                conn = conns[item[2]]
+                checker.sent_presence(conn, item[3])
+                _same_view(conn, item)
             elif kind == TRANSITION:
                 checker.transition(item[2])
             elif kind == INTEND:

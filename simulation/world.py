@@ -148,6 +148,8 @@ class SimReport:
     loop_callbacks: int = 0
     clock_jumps: int = 0
     extra: dict[str, float] = field(default_factory=dict)
+    #: why the run was made again in line (SimConfig.checker_process), or ""
+    rerun_reason: str = ""
 
     @property
     def ok(self) -> bool:
@@ -589,6 +591,7 @@ def run_simulation(config: SimConfig) -> SimReport:
     again.wall_seconds += report.wall_seconds
     again.cpu_seconds += report.cpu_seconds
     again.extra["reran_in_line"] = 1.0
+    again.rerun_reason = report.rerun_reason
     return again
 
 
@@ -628,6 +631,7 @@ def _run(config: SimConfig) -> SimReport:
         report.extra["checker_process_cpu"] = checker.remote_cpu
         if checker.failure is not None:
             report.extra["checker_failed"] = 1.0
+            report.rerun_reason = checker.failure
     return report
 
 

@@ -132,3 +132,22 @@ def test_a_record_that_cannot_travel_means_a_run_in_line(
     assert inline.ok
     same_outcome(inline, elsewhere)
     assert elsewhere.extra.get("reran_in_line") == 1.0
+
+
+def test_a_client_view_that_differs_from_the_checkers_means_a_run_in_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Planted: the main process forgets that a SUBSCRIBE is pending, so its clients
+    # would decide on another view than the checker's. The checker process notices at
+    # the next command of that connection; the run is made again in line.
+    def forgetful(self: offload.CheckerLink, conn: Any, server: str, text: str) -> None:
+        self.record(
+            (offload.SUBSCRIBE, self.clock.ticks, conn.key, server, text, *offload._view(conn))
+        )
+
+    monkeypatch.setattr(offload.CheckerLink, "sent_subscribe", forgetful)
+    inline, elsewhere = both(SMALL)
+    assert inline.ok
+    same_outcome(inline, elsewhere)
+    assert elsewhere.extra.get("reran_in_line") == 1.0
+    assert "MirrorDiverged" in elsewhere.rerun_reason
