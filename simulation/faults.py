@@ -94,6 +94,12 @@ def parse_faults(text: str) -> frozenset[str]:
 # --- the record of what was injected, for the invariants -----------------------------
 
 
+#: FaultLog.windows(): outages, directory failures, delays, storms, latency horizon.
+FaultWindows = tuple[
+    list[list[float]], list[list[float]], list[list[float]], list[list[float]], float
+]
+
+
 class FaultLog:
     """Windows of declared faults (end = +inf while ongoing) and counters."""
 
@@ -109,6 +115,20 @@ class FaultLog:
 
     def count(self, name: str) -> None:
         self.counts[name] = self.counts.get(name, 0) + 1
+
+    def windows(self) -> FaultWindows:
+        """A copy of what the invariants read (every window; not the counters)."""
+        return (
+            [list(w) for w in self.outages],
+            [list(w) for w in self.directory],
+            [list(w) for w in self.delays],
+            [list(w) for w in self.storms],
+            self._latency_until,
+        )
+
+    def restore(self, windows: FaultWindows) -> None:
+        """Take the windows of another log (:meth:`windows`)."""
+        self.outages, self.directory, self.delays, self.storms, self._latency_until = windows
 
     @staticmethod
     def _during(windows: list[list[float]], a: float, b: float) -> bool:

@@ -14,11 +14,10 @@ import json
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from adapters.memory import MemoryPresenceStore
 from adapters.shell import Gateway, GatewaySettings
-from domain.model import PresenceChange, SessionId, Status, UserId
+from domain.model import InstanceId, PresenceChange, SessionId, Status, UserId
 from simulation.faults import FaultLog
 from simulation.model import (
     CLOSED,
@@ -103,6 +102,20 @@ class Violation:
     trace: tuple[str, ...]
 
 
+class PresenceView(Protocol):
+    """What the checker reads of the presence store (``MemoryPresenceStore``)."""
+
+    def live_sessions(self) -> dict[UserId, dict[SessionId, InstanceId]]: ...
+
+    def stored_statuses(self) -> dict[UserId, Status]: ...
+
+
+#: An intent of another service's publish: (kind, target, channel, excludeUserId).
+Intent = tuple[str, str, str | None, str | None]
+#: What :func:`outlet_problems` found: (the client's connection or None, the message).
+OutletProblem = tuple[Conn | None, str]
+
+
 class UserState:
     __slots__ = ("conns", "crash_until", "last_close_at", "settle_at")
 
@@ -138,7 +151,7 @@ class Checker:
         trace: Trace,
         now: Callable[[], float],
         wall_ms: Callable[[], int],
-        presence: MemoryPresenceStore,
+        presence: PresenceView,
         transport_capacity: int,
         stop_on_violation: bool,
     ) -> None:
@@ -163,7 +176,7 @@ class Checker:
         self.users: dict[UserId, UserState] = {}
         self.dirty: dict[UserId, None] = {}
         self.closed_on: dict[str, dict[UserId, float]] = {}
-        self.intents: dict[str, tuple[str, str, str | None, str | None]] = {}
+        self.intents: dict[str, Intent] = {}
         self.presence_last: dict[tuple[UserId, str], str] = {}
         #: user -> visible transitions the store reported; (user, server) -> that count
         #: when its last PRESENCE_UPDATE was published
@@ -223,6 +236,27 @@ class Checker:
         state = self._user(user)
         state.settle_at = max(state.settle_at, settle_at)
         self.dirty[user] = None
+
+    # --- the world's own reports -------------------------------------------------------
+
+    def intend(self, eid: str, intent: Intent) -> None:
+        """Another service is about to publish event ``eid`` with this intent."""
+        self.intents[eid] = intent
+
+    def intent_done(self, eid: str) -> None:
+        self.intents.pop(eid, None)
+
+    def faults_changed(self, faults: FaultLog) -> None:
+        """The world changed the fault log (this checker reads the same object)."""
+
+    def leaks(self, checks: int, problems: list[str]) -> None:
+        """The end-of-run leak checks the world made (``checks`` of them)."""
+        self.checks[LEAKS] += checks
+        if problems:
+            self.violation(LEAKS, "left behind: " + "; ".join(problems))
+
+    def finish(self) -> None:
+        """The run is over (the counters and verdicts above are final)."""
 
     # --- connections ------------------------------------------------------------------
 
@@ -575,7 +609,10 @@ class Checker:
     def presence_changed(self, change: PresenceChange) -> None:
         """A transition of the presence store, as an instance saw it."""
         if change.visible_changed:
-            self.transitions[change.user_id] = self.transitions.get(change.user_id, 0) + 1
+            self.transition(change.user_id)
+
+    def transition(self, user: UserId) -> None:
+        self.transitions[user] = self.transitions.get(user, 0) + 1
 
     def publish_failed(self, channel: str, payload: bytes) -> None:
         self.failed_publishes += 1
@@ -746,29 +783,15 @@ class Checker:
     def outlets(self, instance_id: str, gateway: Gateway, conns: dict[object, Conn]) -> None:
         """The outbound side of every connection of one live instance (``conns``:
         transport -> the client's connection)."""
-        waiting = {id(c) for c in gateway.flusher.waiting()}
-        for outlet in list(gateway.admission.connections):
-            if outlet.ended:
-                continue
-            self.checks[OUTBOUND] += 1
-            queued = len(outlet.outbound)
-            problem = None
-            if queued and not outlet.sending and id(outlet) not in waiting:
-                problem = f"{queued} frames queued with nobody to write them"
-            elif (
-                outlet.sending
-                and not queued
-                and not outlet.closing
-                and getattr(outlet.transport, "reading", False)
-            ):
-                problem = "holds a sender task at rest"
-            if problem is None:
-                continue
-            client = conns.get(outlet.transport)
+        self.outlet_report(*outlet_problems(instance_id, gateway, conns))
+
+    def outlet_report(self, count: int, problems: list[OutletProblem]) -> None:
+        self.checks[OUTBOUND] += count
+        for client, message in problems:
             if client is not None:
-                self._conn_violation(client, OUTBOUND, problem)
+                self._conn_violation(client, OUTBOUND, message)
             else:
-                self.violation(OUTBOUND, f"{instance_id} {outlet.live.session_id}: {problem}")
+                self.violation(OUTBOUND, message)
 
     def periodic(self, *, presence: bool = True) -> None:
         now = self.now()
@@ -872,3 +895,37 @@ class Checker:
                     server,
                 )
                 return
+
+
+def outlet_problems(
+    instance_id: str, gateway: Gateway, conns: dict[object, Conn]
+) -> tuple[int, list[OutletProblem]]:
+    """``lean-outbound`` on one live instance: how many connections were looked at and
+    what is wrong (a queue nobody writes, a sender task at rest), by client connection
+    (or, for a connection no client knows, a message naming the session)."""
+    waiting = {id(c) for c in gateway.flusher.waiting()}
+    count = 0
+    problems: list[OutletProblem] = []
+    for outlet in list(gateway.admission.connections):
+        if outlet.ended:
+            continue
+        count += 1
+        queued = len(outlet.outbound)
+        problem = None
+        if queued and not outlet.sending and id(outlet) not in waiting:
+            problem = f"{queued} frames queued with nobody to write them"
+        elif (
+            outlet.sending
+            and not queued
+            and not outlet.closing
+            and getattr(outlet.transport, "reading", False)
+        ):
+            problem = "holds a sender task at rest"
+        if problem is None:
+            continue
+        client = conns.get(outlet.transport)
+        if client is not None:
+            problems.append((client, problem))
+        else:
+            problems.append((None, f"{instance_id} {outlet.live.session_id}: {problem}"))
+    return count, problems

@@ -24,7 +24,7 @@ import heapq
 from asyncio import events
 from collections.abc import Callable
 from concurrent.futures import Executor
-from contextvars import Context
+from contextvars import Context, copy_context
 from typing import TypeVar, TypeVarTuple, Unpack
 
 #: asyncio's own constants (base_events): cleanup of cancelled timers, longest wait.
@@ -41,6 +41,53 @@ _Ts = TypeVarTuple("_Ts")
 
 class Deadlock(RuntimeError):
     """Nothing is ready and no timer is set: no task can ever run again."""
+
+
+class _Handle(events.Handle):
+    """``asyncio.Handle`` made without the debug-mode check of its ``__init__`` (the
+    loop is never in debug mode when it makes one: see ``call_soon``)."""
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        callback: Callable[..., object],
+        args: tuple[object, ...],
+        loop: object,
+        context: Context,
+    ) -> None:
+        self._context = context
+        self._loop = loop
+        self._callback = callback
+        self._args = args
+        self._cancelled = False
+        self._repr = None
+        self._source_traceback = None
+
+
+class _TimerHandle(events.TimerHandle):
+    """``asyncio.TimerHandle``, made as :class:`_Handle` is (same ordering, equality,
+    cancellation: only ``__init__`` differs)."""
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        when: float,
+        callback: Callable[..., object],
+        args: tuple[object, ...],
+        loop: object,
+        context: Context,
+    ) -> None:
+        self._context = context
+        self._loop = loop
+        self._callback = callback
+        self._args = args
+        self._cancelled = False
+        self._repr = None
+        self._source_traceback = None
+        self._when = when
+        self._scheduled = False
 
 
 class VirtualTimeLoop(asyncio.SelectorEventLoop):
@@ -70,6 +117,22 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     ) -> asyncio.Future[_T]:
         raise RuntimeError("virtual time refuses executors: a thread would wait for real time")
 
+    def call_soon(
+        self,
+        callback: Callable[[Unpack[_Ts]], object],
+        *args: *_Ts,
+        context: Context | None = None,
+    ) -> asyncio.Handle:
+        """``BaseEventLoop.call_soon`` (every task step and future callback comes here)
+        in one call: the same handle at the end of the ready queue."""
+        if self._debug:  # type: ignore[attr-defined]
+            return super().call_soon(callback, *args, context=context)
+        if self._closed:  # type: ignore[attr-defined]
+            raise RuntimeError("Event loop is closed")
+        handle = _Handle(callback, args, self, copy_context() if context is None else context)
+        self._ready.append(handle)  # type: ignore[attr-defined]
+        return handle
+
     def call_at(
         self,
         when: float,
@@ -80,7 +143,12 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         if when is None:
             raise TypeError("when cannot be None")
         self._check_closed()  # type: ignore[attr-defined]
-        timer = events.TimerHandle(when, callback, args, self, context)
+        if self._debug:  # type: ignore[attr-defined]
+            timer = events.TimerHandle(when, callback, args, self, context)
+        else:
+            timer = _TimerHandle(
+                when, callback, args, self, copy_context() if context is None else context
+            )
         heapq.heappush(self._timers, (when, timer))
         timer._scheduled = True  # type: ignore[attr-defined]
         return timer

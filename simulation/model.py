@@ -77,6 +77,7 @@ class Conn:
         "hb_timer",
         "identify_at",
         "instance_id",
+        "key",
         "last_hb",
         "next_s",
         "opened_at",
@@ -99,6 +100,8 @@ class Conn:
         self, cid: str, owner: VirtualClient, user: UserId, instance_id: InstanceId, now: float
     ) -> None:
         self.cid = cid
+        #: a number for the checker process (simulation.offload), unique in a run
+        self.key = 0
         self.owner = owner
         self.user = user
         self.instance_id = instance_id

@@ -11,6 +11,7 @@ whenever all tasks wait, so ten virtual minutes take as long as the work done in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import random
@@ -50,9 +51,10 @@ from simulation.faults import (
     SimBroker,
     plan,
 )
-from simulation.invariants import LEAKS, NO_CRASH, Checker, Violation
+from simulation.invariants import NO_CRASH, Checker, Violation
 from simulation.loop import VirtualTimeLoop
 from simulation.model import Conn
+from simulation.offload import CheckerLink, TraceLink
 from simulation.population import Population, generate, random_text
 from simulation.trace import Trace
 
@@ -83,6 +85,9 @@ class SimConfig:
     #: PROTOCOL 14's threshold for the simulated instances. Generated servers have 2 to
     #: 48 members: at 20 the biggest are *large* (presence only to the user's own).
     large_server_members: int = 20
+    #: check in a second process (simulation.offload): the same verdicts and digest,
+    #: on another core; a run with a violation is then run again in line
+    checker_process: bool = False
 
     @property
     def active_seconds(self) -> float:
@@ -143,6 +148,8 @@ class SimReport:
     loop_callbacks: int = 0
     clock_jumps: int = 0
     extra: dict[str, float] = field(default_factory=dict)
+    #: why the run was made again in line (SimConfig.checker_process), or ""
+    rerun_reason: str = ""
 
     @property
     def ok(self) -> bool:
@@ -207,8 +214,8 @@ class World:
         self.verifier = JwtVerifier(secret=JWT_SECRET)
         self._tokens: dict[str, str] = {}
         self.faults = FaultLog()
-        self.trace = Trace()
-        self.checker = Checker(
+        self.trace: Trace | TraceLink = Trace()
+        self.checker: Checker | CheckerLink = Checker(
             population=self.population,
             settings=self.settings,
             faults=self.faults,
@@ -350,6 +357,7 @@ class World:
             # The survivors' directory is loaded too: their handshakes queue (15).
             window = [now, end]
             self.faults.storms.append(window)
+            self.checker.faults_changed(self.faults)
             for instance in serving[len(victims) :]:
                 instance.life.slow = STORM_LOOKUP_S
             self.loop.call_at(end, self._storm_over)
@@ -359,6 +367,7 @@ class World:
             self.network.down = True
             window = [now, float("inf")]
             self.faults.outages.append(window)
+            self.checker.faults_changed(self.faults)
             self.loop.call_at(end, self._broker_back, window)
         elif fault.kind == DELAY:
             self.faults.count(DELAY)
@@ -370,6 +379,7 @@ class World:
             for instance in self.instances:
                 instance.broker.latency = latencies.get(instance.id, 0.0)
             self.faults.delay_started(now, max(latencies.values(), default=0.0))
+            self.checker.faults_changed(self.faults)
             self.trace.event("FAULT", f"delay {latencies} for {fault.duration:.3f} s")
             self.loop.call_at(end, self._delay_over)
         elif fault.kind == DIRECTORY:
@@ -378,6 +388,7 @@ class World:
             self.directory.failing = True
             window = [now, float("inf")]
             self.faults.directory.append(window)
+            self.checker.faults_changed(self.faults)
             self.loop.call_at(end, self._directory_back, window)
 
     def _restart(self, victim: SimInstance) -> None:
@@ -387,6 +398,7 @@ class World:
     def _broker_back(self, window: list[float]) -> None:
         self.network.down = False
         window[1] = self.now()
+        self.checker.faults_changed(self.faults)
         self.trace.event("FAULT", "broker back")
 
     def _storm_over(self) -> None:
@@ -397,11 +409,13 @@ class World:
         for instance in self.instances:
             instance.broker.latency = 0.0
         self.faults.delay_ended(self.now())
+        self.checker.faults_changed(self.faults)
         self.trace.event("FAULT", "delay over")
 
     def _directory_back(self, window: list[float]) -> None:
         self.directory.failing = False
         window[1] = self.now()
+        self.checker.faults_changed(self.faults)
         self.trace.event("FAULT", "directory back")
 
     # --- other services publishing ----------------------------------------------------
@@ -432,7 +446,7 @@ class World:
                     channel = None
                     kind, op = "server", "CHANNEL_UPDATE" if rng.random() < 0.1 else "SERVER_EVENT"
                 event = {"op": op, "d": {"eid": eid, "text": random_text(rng)}}
-                self.checker.intents[eid] = (kind, server, channel, exclude)
+                self.checker.intend(eid, (kind, server, channel, exclude))
                 if channel is None:
                     ok = await gateway.publish_to_server(server, event, exclude)
                 else:
@@ -441,9 +455,9 @@ class World:
                 kind = "user"
                 user = rng.choice(connecting)
                 event = {"op": "NOTIFICATION", "d": {"eid": eid, "n": count}}
-                self.checker.intents[eid] = (kind, user, None, None)
+                self.checker.intend(eid, (kind, user, None, None))
                 ok = await gateway.publish_to_user(user, event)
-            self.checker.intents.pop(eid, None)
+            self.checker.intent_done(eid)
             key = f"{kind} {'ok' if ok else 'failed'}"
             self.external[key] = self.external.get(key, 0) + 1
 
@@ -499,6 +513,7 @@ class World:
         checker.periodic()
         checker.presence_pass(self.now(), everyone=True)
         problems: list[str] = []
+        checks = 0
         for instance in self.instances:
             snapshot = instance.gateway.snapshot()
             for what, left in (
@@ -508,7 +523,7 @@ class World:
                 ("interest channels", len(snapshot.interest)),
                 ("broker subscriptions", len(instance.broker.subscribed_channels)),
             ):
-                checker.checks[LEAKS] += 1
+                checks += 1
                 if left:
                     problems.append(f"{instance.id}: {left} {what}")
         for what, count in (
@@ -518,11 +533,17 @@ class World:
             ("typing keys", len(self.typing.live_keys())),
             ("open client connections", len(checker.open_conns)),
         ):
-            checker.checks[LEAKS] += 1
+            checks += 1
             if count:
                 problems.append(f"{count} {what}")
-        if problems:
-            checker.violation(LEAKS, "left behind: " + "; ".join(problems))
+        checker.leaks(checks, problems)
+
+    def check_elsewhere(self) -> None:
+        """Hand the checker and the trace to a second process (simulation.offload)."""
+        checker, trace = self.checker, self.trace
+        assert isinstance(checker, Checker) and isinstance(trace, Trace)
+        link = CheckerLink.start(checker, trace, self.presence)
+        self.checker, self.trace = link, link.trace
 
     def report(self, wall: float, cpu: float, loop: VirtualTimeLoop) -> SimReport:
         checker = self.checker
@@ -553,7 +574,28 @@ class World:
 
 
 def run_simulation(config: SimConfig) -> SimReport:
-    """Run one seeded simulation to its end (or its first violation)."""
+    """Run one seeded simulation to its end (or its first violation).
+
+    With ``config.checker_process`` the checks run in a second process; when it finds
+    a violation (or fails) the run is made again in line, so that a failing report
+    (first violation, its trace, the digest of a stopped run) is exactly the in-line
+    one. Wall and CPU time then add up both runs."""
+    if not config.checker_process:
+        return _run(config)
+    report = _run(config)
+    link = report.extra.pop("checker_failed", 0.0)
+    if not link:
+        return report
+    again = _run(dataclasses.replace(config, checker_process=False))
+    again.config = config
+    again.wall_seconds += report.wall_seconds
+    again.cpu_seconds += report.cpu_seconds
+    again.extra["reran_in_line"] = 1.0
+    again.rerun_reason = report.rerun_reason
+    return again
+
+
+def _run(config: SimConfig) -> SimReport:
     started = time.perf_counter()
     cpu_started = time.process_time()
     logger = logging.getLogger("gateway")
@@ -568,6 +610,8 @@ def run_simulation(config: SimConfig) -> SimReport:
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
+        if config.checker_process:
+            world.check_elsewhere()
         loop.run_until_complete(world.main())
     finally:
         try:
@@ -578,9 +622,17 @@ def run_simulation(config: SimConfig) -> SimReport:
             gc.unfreeze()
             gc.set_threshold(*gc_thresholds)
             logger.disabled = was_disabled
-    return world.report(
-        time.perf_counter() - started, time.process_time() - cpu_started, loop
-    )
+            world.checker.finish()
+    checker = world.checker
+    cpu = time.process_time() - cpu_started
+    report = world.report(time.perf_counter() - started, cpu, loop)
+    if isinstance(checker, CheckerLink):
+        report.cpu_seconds += checker.remote_cpu
+        report.extra["checker_process_cpu"] = checker.remote_cpu
+        if checker.failure is not None:
+            report.extra["checker_failed"] = 1.0
+            report.rerun_reason = checker.failure
+    return report
 
 
 def new_virtual_loop() -> VirtualTimeLoop:
