@@ -295,7 +295,9 @@ class Gateway:
         presence."""
         self.interest.drop_all(live)
         with anyio.move_on_after(2 * seconds(self.settings.backend_timeout_ms)):
-            for server_id in list(live.session.subscriptions):
+            # In a fixed order: a set of strings iterates in string-hash order, which
+            # differs from process to process, and each release may wait.
+            for server_id in sorted(live.session.subscriptions):
                 await self.routes.unroute_now(live, server_id)
             # The user is routed (and may hold a presence session) before READY sets
             # session.user_id: an IDENTIFY that failed after routing must clean up too.
