@@ -497,6 +497,14 @@ def _apply_all(
     checker.on_stop = stop
     conns: dict[int, Conn] = {}
     faults = checker.faults
+    commands: dict[int, Callable[..., None]] = {
+        HEARTBEAT: checker.sent_heartbeat,
+        IDENTIFY: checker.sent_identify,
+        SUBSCRIBE: checker.sent_subscribe,
+        UNSUBSCRIBE: checker.sent_unsubscribe,
+        TYPING: checker.sent_typing,
+        PRESENCE: checker.sent_presence,
+    }
     while True:
         batch = marshal.loads(reader.recv_bytes())
         if batch is None:
@@ -508,10 +516,6 @@ def _apply_all(
                 checker.frame(conns[item[2]], item[3])
             elif kind == PUBLISHED:
                 checker.published(item[2], item[3])
-            elif kind == HEARTBEAT:
-                conn = conns[item[2]]
-                checker.sent_heartbeat(conn, item[3])
-                _same_view(conn, item)
             elif kind == OPEN:
                 _, _, key, cid, user, instance_id = item
                 conn = conns[key] = Conn(cid, None, user, instance_id, clock.now())  # type: ignore[arg-type]
@@ -520,25 +524,10 @@ def _apply_all(
             elif kind == CLOSE:
                 _, _, key, code, by_server, how = item
                 checker.closed(conns[key], code, by_server=by_server, how=how)
-            elif kind == IDENTIFY:
+            elif (sent := commands.get(kind)) is not None:
+                # A command the client sent: its arguments, then the client's view.
                 conn = conns[item[2]]
-                checker.sent_identify(conn, item[3])
-                _same_view(conn, item)
-            elif kind == SUBSCRIBE:
-                conn = conns[item[2]]
-                checker.sent_subscribe(conn, item[3], item[4])
-                _same_view(conn, item)
-            elif kind == UNSUBSCRIBE:
-                conn = conns[item[2]]
-                checker.sent_unsubscribe(conn, item[3], item[4])
-                _same_view(conn, item)
-            elif kind == TYPING:
-                conn = conns[item[2]]
-                checker.sent_typing(conn, item[3], item[4])
-                _same_view(conn, item)
-            elif kind == PRESENCE:
-                conn = conns[item[2]]
-                checker.sent_presence(conn, item[3])
+                sent(conn, *item[3:-3])
                 _same_view(conn, item)
             elif kind == TRANSITION:
                 checker.transition(item[2])
